@@ -1,0 +1,75 @@
+"""MLflow tracking for stages: one run per executed stage, in a local ``sqlite:///`` store.
+
+Only this module talks to MLflow, so the library itself runs without it. A stage that raises
+ends its run with status FAILED.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .config import flatten
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """``FLEXIGPT_MLFLOW_URI`` / ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/mlflow.db``."""
+    uri = os.environ.get("FLEXIGPT_MLFLOW_URI") or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(root or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+class StageRun:
+    """Thin handle over an active MLflow run."""
+
+    def __init__(self, mlflow_mod: Any, run: Any) -> None:
+        self._mlflow, self.run = mlflow_mod, run
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        flat = {k: float(v) for k, v in flatten(metrics).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if flat:
+            self._mlflow.log_metrics(flat, step=step)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self._mlflow.log_artifacts(str(p), artifact_path)
+        elif p.exists():
+            self._mlflow.log_artifact(str(p), artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, experiment: str, params: dict[str, Any], tags: dict[str, Any] | None = None
+              ) -> Iterator[StageRun]:
+    """Open an MLflow run named ``stage`` in ``experiment``; mark it FAILED if the block raises."""
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment)
+    run = mlflow.start_run(run_name=stage, tags={"flexigpt.stage": stage, **(tags or {})})
+    handle = StageRun(mlflow, run)
+    try:
+        flat = {k: ("null" if v is None else str(v))[:500] for k, v in flatten(params).items()}
+        for i in range(0, len(flat), 100):
+            mlflow.log_params(dict(list(flat.items())[i:i + 100]))
+        yield handle
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")

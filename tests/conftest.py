@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random models built from configs (no downloads)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("FLEXIGPT_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def make_tiny_llama(n_layers: int = 6, hidden: int = 32, seed: int = 0, vocab: int = 128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
+                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=True, rms_norm_eps=1e-6)
+    m = LlamaForCausalLM(cfg).eval()
+    # random (non-unit) norm weights, so tests catch norms that are dropped or shared wrongly
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def make_tiny_opt(n_layers: int = 4, hidden: int = 32, seed: int = 0, vocab: int = 128):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=n_layers,
+                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=hidden)
+    return OPTForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_opt():
+    return make_tiny_opt()
+
+
+@pytest.fixture(params=["llama", "opt"])
+def tiny_model(request):
+    return make_tiny_llama() if request.param == "llama" else make_tiny_opt()
+
+
+@pytest.fixture
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 128, (4, 16), generator=g)
