@@ -25,7 +25,7 @@ Per-matrix distances are combined into one block distance by ``aggregate``:
 
 Then ``j* = argmin_j d(i, j)`` over unpruned ``j`` (ties: the lower index). Ablation ``metric`` s:
 ``lowrank`` (the paper's, above), ``no_truncation`` (``D = W_i - W_j`` with full weights,
-``d = ||D - SVD_r(D)||_F`` from the exact singular values of ``D``), ``frobenius``
+``d = ||D - SVD_r(D)||_F`` from the eigenvalues of ``DᵀD`` in float64), ``frobenius``
 (``||W_i - W_j||_F``) and ``nearest`` (``d = |i - j|``, the nearest unpruned neighbour).
 
 Rank clamping: a matrix with ``min(m, n) < r`` uses ``r_W = min(m, n)`` and a warning is logged.
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("lowrank", "no_truncation", "frobenius", "nearest")
 AGGREGATES = ("sum_sq", "sum", "mean_rel")
-SVD_METHODS = ("exact", "randomized")
+SVD_METHODS = ("gram", "exact", "randomized")
 RANDOMIZED_OVERSAMPLE = 16  # extra sketch columns for svd="randomized"
 RANDOMIZED_NITER = 4        # power iterations for svd="randomized"
 
@@ -164,19 +164,45 @@ def _work_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
-def truncated_svd(w: torch.Tensor, r: int, method: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
+def truncated_svd(w: torch.Tensor, r: int, method: str = "gram") -> tuple[torch.Tensor, torch.Tensor]:
     """Thin factors ``(U_r S_r, V_r)`` of ``w`` (m x n), so that ``Ŵ = (U_r S_r) V_rᵀ``.
 
-    ``exact`` uses LAPACK's SVD; ``randomized`` uses ``torch.svd_lowrank`` (Halko et al.) with
-    ``r + 16`` sketch columns and 4 power iterations, for very large matrices.
+    * ``gram`` (default): float64 eigendecomposition of the smaller Gram matrix (``WᵀW`` when
+      m >= n, else ``WWᵀ``); the same factors as the SVD up to rounding, 3-5x faster on CPU than
+      LAPACK's float32 SVD for these shapes. ``σ = sqrt(λ)``, and the other side is ``W V_r``
+      (or ``Wᵀ U_r / σ``).
+    * ``exact``: ``torch.linalg.svd`` (LAPACK gesdd).
+    * ``randomized``: ``torch.svd_lowrank`` (Halko et al.) with ``r + 16`` sketch columns and 4
+      power iterations; approximate, for very large matrices.
     """
-    w = w.detach().to(_work_dtype(w))
-    r = min(r, *w.shape)
-    if method == "randomized" and r + RANDOMIZED_OVERSAMPLE < min(w.shape):
+    dt = _work_dtype(w)
+    w = w.detach().to(dt)
+    m, n = w.shape
+    r = min(r, m, n)
+    if method == "randomized" and r + RANDOMIZED_OVERSAMPLE < min(m, n):
         u, s, v = torch.svd_lowrank(w, q=r + RANDOMIZED_OVERSAMPLE, niter=RANDOMIZED_NITER)
         return u[:, :r] * s[:r], v[:, :r]
+    if method == "gram":
+        w64 = w.double()
+        if m >= n:
+            lam, vecs = torch.linalg.eigh(w64.mT @ w64)        # ascending
+            v = vecs[:, -r:].flip(-1)
+            return (w64 @ v).to(dt), v.to(dt)
+        lam, vecs = torch.linalg.eigh(w64 @ w64.mT)
+        u, s = vecs[:, -r:].flip(-1), lam[-r:].flip(-1).clamp_min(0).sqrt()
+        v = (w64.mT @ u) / s.clamp_min(torch.finfo(torch.float64).tiny)
+        return (u * s).to(dt), v.to(dt)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[:, :r] * s[:r], vh[:r].mT
+
+
+def _tail_energy(core: torch.Tensor, r: int) -> torch.Tensor:
+    """``sum_{k>r} σ_k(core)²`` from the eigenvalues of ``core coreᵀ`` (float64, ascending)."""
+    c = core.double()
+    g = c @ c.mT if c.shape[-2] <= c.shape[-1] else c.mT @ c
+    lam = torch.linalg.eigvalsh(g).clamp_min(0)
+    k = lam.shape[-1] - r  # all but the r largest
+    return lam[..., :max(k, 0)].sum(-1)
 
 
 def lowrank_residual(us_i: torch.Tensor, v_i: torch.Tensor, us_j: torch.Tensor, v_j: torch.Tensor,
@@ -184,21 +210,19 @@ def lowrank_residual(us_i: torch.Tensor, v_i: torch.Tensor, us_j: torch.Tensor, 
     """Closed-form Eq. 2: ``||D - SVD_r(D)||_F`` for ``D = us_i v_iᵀ - us_j v_jᵀ``.
 
     ``P = [us_i, -us_j]`` (m x 2r) and ``Q = [v_i, v_j]`` (n x 2r) give ``D = P Qᵀ = Q_1 (R_1 R_2ᵀ) Q_2ᵀ``,
-    so ``σ(D) = σ(R_1 R_2ᵀ)`` and ``d² = sum_{k>r} σ_k²``. Leading batch dimensions broadcast
-    (e.g. one pruned block against a stack of candidates).
+    so ``σ(D) = σ(R_1 R_2ᵀ)`` and ``d² = sum_{k>r} σ_k²`` (at most a 2r x 2r problem). Leading batch
+    dimensions broadcast (e.g. a stack of pruned blocks against one candidate).
     """
     us_i, us_j = torch.broadcast_tensors(us_i, us_j)
     v_i, v_j = torch.broadcast_tensors(v_i, v_j)
     r_p = torch.linalg.qr(torch.cat([us_i, -us_j], dim=-1), mode="r").R
     r_q = torch.linalg.qr(torch.cat([v_i, v_j], dim=-1), mode="r").R
-    s = torch.linalg.svdvals(r_p @ r_q.mT)
-    return s[..., r:].square().sum(-1).sqrt()
+    return _tail_energy(r_p @ r_q.mT, r).sqrt().to(us_i.dtype)
 
 
 def truncation_residual(d: torch.Tensor, r: int) -> torch.Tensor:
-    """``||D - SVD_r(D)||_F = sqrt(sum_{k>r} σ_k(D)²)`` from the exact singular values of ``D``."""
-    s = torch.linalg.svdvals(d)
-    return s[..., r:].square().sum(-1).sqrt()
+    """``||D - SVD_r(D)||_F = sqrt(sum_{k>r} σ_k(D)²)``, with ``σ²`` the eigenvalues of ``DᵀD`` (float64)."""
+    return _tail_energy(d, r).sqrt().to(d.dtype)
 
 
 def aggregate_distances(per_matrix: dict[str, float], norms: dict[str, float], how: str) -> float:
@@ -222,12 +246,13 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
 
 
 def distance_table(adapter: ModelAdapter, pruned: list[int], *, metric: str = "lowrank", rank: int = 32,
-                   aggregate: str = "sum_sq", svd: str = "exact", progress: bool = True,
+                   aggregate: str = "sum_sq", svd: str = "gram", progress: bool = True,
                    chunk_bytes: int = 256 << 20) -> tuple[dict[int, dict[int, float]], dict[str, int]]:
     """Block distances ``{pruned i: {unpruned j: d(i, j)}}`` and the effective rank per matrix name.
 
-    Pruned blocks' factors are kept; candidates are streamed (their factors computed once each) and
-    compared with all pruned blocks at once, batched over candidates within ``chunk_bytes``.
+    Pruned blocks' factors are kept; candidates are streamed (each weight's truncated SVD is taken
+    once) and compared with all pruned blocks in one batched call per matrix. The full-weight
+    metrics batch the pruned blocks in groups of at most ``chunk_bytes`` of differences.
     """
     check_choice(metric, METRICS, "prune.metric")
     check_choice(aggregate, AGGREGATES, "prune.aggregate")
@@ -245,11 +270,17 @@ def distance_table(adapter: ModelAdapter, pruned: list[int], *, metric: str = "l
     norms = {i: {k: float(w.double().norm()) for k, w in m.items()} for i, m in mats_p.items()}
     per: dict[int, dict[int, dict[str, float]]] = {i: {j: {} for j in cands} for i in pruned}
 
+    # a clamped matrix (r_W = min(m, n)) has rank(D) <= r_W, so its residual is exactly 0
+    exact = {k for k, s in shapes.items() if ranks[k] == min(s) and metric in ("lowrank", "no_truncation")}
+    for i in pruned:
+        for j in cands:
+            per[i][j].update({k: 0.0 for k in exact})
     if metric == "lowrank":
-        fac_p = {i: {k: truncated_svd(w, ranks[k], svd) for k, w in m.items()} for i, m in mats_p.items()}
+        fac_p = {i: {k: truncated_svd(w, ranks[k], svd) for k, w in m.items() if k not in exact}
+                 for i, m in mats_p.items()}
         bar = tqdm(total=len(cands), desc="base distances", disable=not progress, leave=False)
         for j in cands:
-            fac_j = {k: truncated_svd(w, ranks[k], svd) for k, w in _matrices(adapter, j).items()}
+            fac_j = {k: truncated_svd(w, ranks[k], svd) for k, w in _matrices(adapter, j).items() if k not in exact}
             for k, (us_j, v_j) in fac_j.items():
                 us_i = torch.stack([fac_p[i][k][0] for i in pruned])
                 v_i = torch.stack([fac_p[i][k][1] for i in pruned])
@@ -262,6 +293,8 @@ def distance_table(adapter: ModelAdapter, pruned: list[int], *, metric: str = "l
         bar = tqdm(total=len(cands), desc="base distances", disable=not progress, leave=False)
         for j in cands:
             for k, w_j in _matrices(adapter, j).items():
+                if k in exact:
+                    continue
                 wd = _work_dtype(w_j)
                 per_pair = max(1, chunk_bytes // (w_j.numel() * torch.finfo(wd).bits // 8))
                 for group in _chunks(pruned, per_pair):
@@ -336,7 +369,7 @@ class Plan:
 
 def make_plan(model: nn.Module, scores: list[float] | None, *, ratio: float | None = 0.3,
               blocks: list[int] | None = None, rank: int = 32, metric: str = "lowrank",
-              aggregate: str = "sum_sq", svd: str = "exact", importance_method: str | None = None,
+              aggregate: str = "sum_sq", svd: str = "gram", importance_method: str | None = None,
               progress: bool = True) -> Plan:
     """Choose the pruned blocks (lowest ``scores`` or ``blocks``) and a base for each (Eqs. 2-5)."""
     adapter = get_adapter(model)

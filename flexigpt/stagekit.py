@@ -42,8 +42,13 @@ class StageContext:
         return Path(self.params.get(f"paths.{key}"))
 
 
+def is_main_process() -> bool:
+    """False on the non-zero ranks of ``accelerate launch`` / torchrun."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def stage_main(stage: str, body: Callable[[StageContext], None]) -> None:
-    """Run ``body`` inside an MLflow run; turn FlexiError into a clean exit(2)."""
+    """Run ``body`` inside an MLflow run (main process only); turn FlexiError into a clean exit(2)."""
     from . import tracking
 
     setup_logging()
@@ -51,7 +56,8 @@ def stage_main(stage: str, body: Callable[[StageContext], None]) -> None:
     try:
         params = Params.load(os.environ.get("FLEXIGPT_PARAMS", "params.yaml"))
         exp = experiment_name(params.get("model.source", "flexigpt"))
-        with tracking.stage_run(stage, exp, params.data) as run:
+        runner = tracking.stage_run if is_main_process() else tracking.null_run
+        with runner(stage, exp, params.data) as run:
             body(StageContext(stage, params, run))
             run.log_metrics({"stage_wall_s": time.time() - t0})
     except FlexiError as e:

@@ -73,3 +73,29 @@ def stage_run(stage: str, experiment: str, params: dict[str, Any], tags: dict[st
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run(status="FINISHED")
+
+
+class NullRun(StageRun):
+    """Stand-in on non-main processes: logs nothing."""
+
+    def __init__(self) -> None:
+        self.run = None
+
+    @property
+    def run_id(self) -> str:
+        return ""
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def null_run(stage: str, experiment: str, params: dict[str, Any], tags: dict[str, Any] | None = None
+             ) -> Iterator[StageRun]:
+    yield NullRun()

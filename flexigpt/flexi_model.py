@@ -1,0 +1,263 @@
+"""The FlexiGPT model: weight-shared replacement blocks with their own LoRA adapters and output norms.
+
+A :class:`FlexiSpec` is the whole recipe: ``sources[p]`` is the original block whose linear
+weights position ``p`` uses; ``replaced`` positions are weight-shared copies that get their own
+LoRA adapters and small-γ output norms (paper Eqs. 6-8). The same spec describes a pruned
+FlexiGPT model, the ShortGPT baseline (``sources`` = kept blocks, nothing replaced) and an
+extended model (a source repeated).
+
+Why not PEFT's ``layer_replication``: it only knows a few module layouts (not OPT's
+``decoder.layers``), ties *every* parameter of the copied block (pre-norms included) and builds
+positions from index ranges. FlexiGPT keeps each pruned position where it was, keeps that
+block's own pre-norm weights (tiny, and what makes a full-rank ``svd_diff`` init exact), and works
+for any family behind :class:`~flexigpt.arch.ModelAdapter`. So we tie the linear weights
+ourselves and let PEFT do what it does well: the LoRA layers (``inject_adapter_in_model``).
+The output norm is not a LoRA feature at all, so it is our own module.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import ModelAdapter, get_adapter, short_linear_names
+from .errors import FlexiError
+
+log = logging.getLogger(__name__)
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the shared linears (PEFT)."""
+
+    rank: int = field(default=32, metadata={"help": "LoRA rank r; SmolLM2 default 32 ~ paper's 256 at d=4096 (x576/4096)"})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; None = rank (PEFT scaling alpha/r = 1)"})
+    targets: list[str] = field(default_factory=lambda: ["all"],
+                               metadata={"help": "leaf names of the linears that get adapters; ['all'] = every "
+                                                 "projection (q,k,v,o,gate,up,down on Llama)"})
+    init: str = field(default="svd_diff", metadata={"help": "adapter init strategy: svd_diff | zeros"})
+
+    @property
+    def scaling(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+@dataclass
+class FlexiSpec:
+    """Serialisable recipe for a FlexiGPT / ShortGPT / extended model built from a base model."""
+
+    sources: list[int] = field(metadata={"help": "position -> original block whose linear weights it uses"})
+    replaced: list[int] = field(metadata={"help": "weight-shared positions with own adapters and output norms"})
+    num_original_blocks: int = field(metadata={"help": "depth of the base model the spec applies to"})
+    lora_positions: list[int] = field(default_factory=list, metadata={"help": "positions whose linears get LoRA"})
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    output_norm: bool = field(default=True, metadata={"help": "LayerNorm(γ) on replaced blocks' sublayer outputs (Eq. 6)"})
+    gamma_init: float = field(default=1e-3, metadata={"help": "initial γ of the output norms (small: near-identity block)"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "output-norm epsilon"})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlexiSpec":
+        d = dict(d)
+        d["lora"] = LoraSettings(**d.get("lora", {}))
+        return cls(**d)
+
+
+# -- constructors for the three model kinds ------------------------------------------------------
+
+def prune_spec(num_blocks: int, base: dict[int, int], lora: LoraSettings, *, output_norm: bool = True,
+               gamma_init: float = 1e-3, lora_on_kept: bool = False) -> FlexiSpec:
+    """FlexiGPT: pruned position i keeps its place and shares block ``base[i]``'s weights."""
+    sources = [base.get(i, i) for i in range(num_blocks)]
+    replaced = sorted(base)
+    lora_pos = list(range(num_blocks)) if lora_on_kept else replaced
+    return FlexiSpec(sources, replaced, num_blocks, lora_pos, lora, output_norm, gamma_init)
+
+
+def shortgpt_spec(num_blocks: int, pruned: list[int], lora: LoraSettings | None = None) -> FlexiSpec:
+    """ShortGPT (blocks removed); with ``lora``, the ShortGPT+LoRA baseline (LoRA on every kept block)."""
+    kept = [i for i in range(num_blocks) if i not in set(pruned)]
+    lora = lora or LoraSettings(rank=1, targets=[])
+    pos = list(range(len(kept))) if lora.targets else []
+    return FlexiSpec(kept, [], num_blocks, pos, LoraSettings(**{**asdict(lora), "init": "zeros"}), False, 0.0)
+
+
+# -- output normalisation (Eq. 6) -----------------------------------------------------------------
+
+class OutputNorm(nn.Module):
+    """h -> γ ⊙ (h - μ(h)) / σ(h), over the hidden dim; no β. Applied via a forward hook on the
+    sublayer's last linear, i.e. before the residual add: x + LN_γ(Attn(x)), x + LN_γ(MLP(x))."""
+
+    def __init__(self, dim: int, gamma_init: float, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.full((dim,), float(gamma_init)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (F.layer_norm(h.float(), h.shape[-1:], eps=self.eps) * self.gamma.float()).to(h.dtype)
+
+    def hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return self(out)
+
+
+NORM_ATTRS = ("flexi_attn_out_norm", "flexi_mlp_out_norm")
+
+
+def attach_output_norms(adapter: ModelAdapter, positions: list[int], gamma_init: float, eps: float) -> None:
+    """Add an :class:`OutputNorm` to the attention and MLP outputs of each block in ``positions``."""
+    blocks = adapter.blocks()
+    ref = next(adapter.model.parameters())
+    for p in positions:
+        for attr, target in zip(NORM_ATTRS, (adapter.attn_out_name, adapter.mlp_out_name)):
+            norm = OutputNorm(adapter.hidden_size, gamma_init, eps).to(ref.device)
+            setattr(blocks[p], attr, norm)
+            blocks[p].get_submodule(target).register_forward_hook(norm.hook)
+
+
+# -- adapter initialisation strategies (named, like PEFT's pissa_init) ----------------------------
+
+def svd_diff_init(layer: nn.Module, diff: torch.Tensor, scaling: float) -> None:
+    """Eqs. 7-8: W_i - W_j = U Σ Vᵀ; lora_B = U_r Σ_r / scaling (out x r), lora_A = V_rᵀ (r x in),
+    so the initial update scaling·B·A is the best rank-r approximation of W_i - W_j."""
+    a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+    r = a.shape[0]
+    u, s, vh = torch.linalg.svd(diff.float(), full_matrices=False)
+    with torch.no_grad():
+        b.copy_((u[:, :r] * s[:r]) / scaling)
+        a.copy_(vh[:r])
+
+
+def zeros_init(layer: nn.Module, diff: torch.Tensor | None, scaling: float) -> None:
+    """Standard LoRA init (PEFT's): A Kaiming-uniform, B = 0, so the update starts at zero."""
+    with torch.no_grad():
+        layer.lora_B[ADAPTER_NAME].weight.zero_()
+
+
+INIT_STRATEGIES: dict[str, Callable[[nn.Module, torch.Tensor | None, float], None]] = {
+    "svd_diff": svd_diff_init,
+    "zeros": zeros_init,
+}
+
+
+# -- building -------------------------------------------------------------------------------------
+
+def validate_spec(adapter: ModelAdapter, spec: FlexiSpec) -> None:
+    """Check a spec against a model before any weights are touched."""
+    L = adapter.num_blocks
+    if spec.num_original_blocks != L:
+        raise FlexiError("plan", f"was made for a {spec.num_original_blocks}-block model, this model has {L}",
+                         "re-run the prune stage on this model")
+    if any(not 0 <= s < L for s in spec.sources):
+        raise FlexiError("plan", f"refers to blocks outside 0..{L - 1}", "re-run the prune stage on this model")
+    valid = short_linear_names(adapter)
+    if spec.lora.targets == ["all"]:
+        spec.lora.targets = list(valid)
+    bad = [t for t in spec.lora.targets if t not in valid]
+    if bad:
+        raise FlexiError("adapters.targets", f"unknown target modules {bad}", f"use a subset of {valid}")
+    if spec.lora.init not in INIT_STRATEGIES:
+        raise FlexiError("adapters.init", f"unknown init {spec.lora.init!r}", f"use one of {sorted(INIT_STRATEGIES)}")
+    if spec.gamma_init < 0:
+        raise FlexiError("norm.gamma_init", f"must be >= 0, got {spec.gamma_init}", "use a small positive value such as 1e-3")
+    if spec.lora_positions and spec.lora.targets:
+        if spec.lora.rank < 1:
+            raise FlexiError("adapters.rank", f"must be >= 1, got {spec.lora.rank}", "set a positive rank")
+        for name, w in adapter.weights(0).items():
+            if name.rsplit(".", 1)[-1] in spec.lora.targets and spec.lora.rank > min(w.shape):
+                raise FlexiError("adapters.rank", f"{spec.lora.rank} exceeds what {name} ({tuple(w.shape)}) allows",
+                                 f"set it to at most {min(w.shape)}")
+
+
+def tie_linears(adapter: ModelAdapter, dst: nn.Module, src: nn.Module) -> None:
+    """Make ``dst``'s linear layers use ``src``'s weight (and bias) tensors: shared storage, not copies."""
+    for name in adapter.linear_names:
+        d, s = dst.get_submodule(name), src.get_submodule(name)
+        d.weight = s.weight
+        if getattr(d, "bias", None) is not None:
+            d.bias = s.bias
+
+
+def materialize(adapter: ModelAdapter, spec: FlexiSpec) -> None:
+    """Rebuild the block list by ``spec.sources``; replaced positions share their source's linears.
+
+    A replaced position inside the original depth keeps its own block module (own pre-norms);
+    a position beyond it (extension) starts as a copy of its source block.
+    """
+    old = list(adapter.blocks())
+    replaced = set(spec.replaced)
+    new: list[nn.Module] = []
+    for p, s in enumerate(spec.sources):
+        if p in replaced:
+            blk = old[p] if p < len(old) and p != s and p not in spec.sources else copy.deepcopy(old[s])
+            tie_linears(adapter, blk, old[s])
+        else:
+            blk = old[s]
+        new.append(blk)
+    adapter.set_blocks(new)
+
+
+def lora_target_regex(adapter: ModelAdapter, positions: list[int], targets: list[str]) -> str:
+    """A full-match regex over module names selecting ``targets`` in blocks ``positions``."""
+    names = [n for n in adapter.linear_names if n.rsplit(".", 1)[-1] in targets]
+    pos = "|".join(str(p) for p in positions)
+    return rf"{re.escape(adapter.blocks_path)}\.({pos})\.({'|'.join(re.escape(n) for n in names)})"
+
+
+def inject_lora(adapter: ModelAdapter, spec: FlexiSpec) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not spec.lora_positions or not spec.lora.targets:
+        return
+    cfg = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha if spec.lora.alpha is not None else spec.lora.rank,
+                     lora_dropout=0.0, bias="none", init_lora_weights=True,
+                     target_modules=lora_target_regex(adapter, spec.lora_positions, spec.lora.targets))
+    inject_adapter_in_model(cfg, adapter.model, adapter_name=ADAPTER_NAME)
+
+
+def build(model: nn.Module, spec: FlexiSpec, *, init: bool = True) -> nn.Module:
+    """Turn ``model`` (in place) into the model ``spec`` describes; ``init`` runs the adapter init."""
+    adapter = get_adapter(model)
+    validate_spec(adapter, spec)
+    model.flexigpt_base_config = model.config.to_dict()  # the skeleton the compact format rebuilds
+    diffs: dict[tuple[int, str], torch.Tensor] = {}
+    if init and spec.lora.init == "svd_diff":
+        for p in spec.replaced:  # W_p - W_source, from the original (pre-tie) weights
+            s = spec.sources[p]
+            if p < adapter.num_blocks and p != s:
+                wp, ws = adapter.weights(p), adapter.weights(s)
+                diffs.update({(p, n): (wp[n].detach().float() - ws[n].detach().float()) for n in wp})
+    materialize(adapter, spec)
+    inject_lora(adapter, spec)
+    if init:
+        fn = INIT_STRATEGIES[spec.lora.init]
+        for p in spec.lora_positions:
+            for n, mod in adapter.linears(p).items():
+                if hasattr(mod, "lora_A"):
+                    d = diffs.get((p, n))
+                    (fn if d is not None else zeros_init)(mod, d, spec.lora.scaling)
+    if spec.output_norm and spec.replaced:
+        attach_output_norms(adapter, spec.replaced, spec.gamma_init, spec.norm_eps)
+    model.flexigpt_spec = spec
+    return model
+
+
+def unique_params(model: nn.Module) -> int:
+    """Stored parameter count: each tensor once, however many positions share it."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        seen.setdefault(p.data_ptr(), p.numel())
+    return sum(seen.values())
+
+
+def adapter_params(model: nn.Module) -> int:
+    """Parameters that belong to LoRA adapters and output norms."""
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "flexi_" in n)

@@ -1,0 +1,317 @@
+"""Recovery / continued-pretraining trainer for every variant (FlexiGPT, ShortGPT+LoRA, extension).
+
+Runs under ``accelerate launch`` with 1..N processes (DDP on CPU via gloo; FSDP on GPUs with
+``configs/accelerate_fsdp.yaml``). Data order is a pure function of (seed, step), and each
+process takes a fixed shard of every global batch, so a run is reproducible, resumable after
+``kill -9`` and gives the same loss curve at any process count with equal global batch.
+
+Loss: next-token cross-entropy, optionally + ``kd_weight · T² · KL(p_teacher^T ‖ p_student^T)``
+against the dense teacher's logits.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .arch import get_adapter
+from .errors import FlexiError
+from .fileio import atomic_dir
+
+log = logging.getLogger(__name__)
+OPTIMIZERS = ("adamw",)
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings (params.yaml ``train.*``)."""
+
+    lr: float = field(default=4e-3, metadata={"help": "peak learning rate of adapters (paper: 4e-3)"})
+    norm_lr_mult: float = field(default=1.0, metadata={"help": "lr multiplier for output-norm γ and pre-norms"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (adapters only)"})
+    optimizer: str = field(default="adamw", metadata={"help": "optimizer: adamw"})
+    schedule: str = field(default="cosine", metadata={"help": "lr schedule after warmup: cosine | linear | constant"})
+    warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
+    batch_size: int = field(default=8, metadata={"help": "global batch, sequences per optimizer step"})
+    micro_batch: int = field(default=4, metadata={"help": "sequences per forward pass per process"})
+    token_budget: int = field(default=262144, metadata={"help": "training tokens; steps = budget // (batch*seq_len)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
+    seed: int = field(default=0, metadata={"help": "data-order seed"})
+    dtype: str = field(default="bfloat16", metadata={"help": "autocast dtype: bfloat16 | float16 (GPU) | float32"})
+    train_prenorms: bool = field(default=False, metadata={"help": "also train replaced blocks' pre-norms"})
+    unfreeze_all: bool = field(default=False, metadata={"help": "train every parameter (full fine-tuning)"})
+    kd_weight: float = field(default=0.0, metadata={"help": "weight of the KL distillation term (0 = off)"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "distillation temperature T"})
+    checkpoint_every: int = field(default=16, metadata={"help": "steps between atomic checkpoints (0 = off)"})
+
+
+def validate(s: TrainSettings, n_train: int, seq_len: int, world: int = 1) -> int:
+    """Check settings against the train split; return the number of optimizer steps."""
+    if not (isinstance(s.lr, (int, float)) and s.lr > 0 and math.isfinite(s.lr)):
+        raise FlexiError("train.lr", f"must be > 0, got {s.lr}", "use e.g. 4e-3 (paper) or 1e-3")
+    if s.optimizer not in OPTIMIZERS:
+        raise FlexiError("train.optimizer", f"unknown optimizer {s.optimizer!r}", f"use one of {list(OPTIMIZERS)}")
+    if s.schedule not in SCHEDULES:
+        raise FlexiError("train.schedule", f"unknown schedule {s.schedule!r}", f"use one of {list(SCHEDULES)}")
+    if s.dtype not in ("bfloat16", "float16", "float32"):
+        raise FlexiError("train.dtype", f"unknown dtype {s.dtype!r}", "use bfloat16, float16 (GPU) or float32")
+    for k in ("batch_size", "micro_batch", "token_budget"):
+        if not isinstance(getattr(s, k), int) or getattr(s, k) < 1:
+            raise FlexiError(f"train.{k}", f"must be a positive integer, got {getattr(s, k)!r}", "set a positive integer")
+    if s.batch_size % (s.micro_batch * world):
+        raise FlexiError("train.batch_size", f"{s.batch_size} is not a multiple of micro_batch x processes "
+                         f"({s.micro_batch} x {world})", "make batch_size divisible by micro_batch x num_processes")
+    if s.batch_size > n_train:
+        raise FlexiError("train.batch_size", f"{s.batch_size} sequences per step, but the train split has {n_train}",
+                         f"lower it to at most {n_train}, or raise calibration.train_tokens")
+    tokens_per_step = s.batch_size * seq_len
+    if s.token_budget < tokens_per_step:
+        raise FlexiError("train.token_budget", f"{s.token_budget} tokens is less than one batch "
+                         f"({s.batch_size} x {seq_len} = {tokens_per_step})", f"set it to at least {tokens_per_step}")
+    if s.kd_weight < 0 or s.kd_temperature <= 0:
+        raise FlexiError("train.kd_weight", "kd_weight must be >= 0 and kd_temperature > 0", "fix the two values")
+    if s.warmup_steps < 0 or not 0 <= s.min_lr_ratio <= 1 or s.norm_lr_mult <= 0:
+        raise FlexiError("train.warmup_steps", "warmup_steps >= 0, min_lr_ratio in [0, 1], norm_lr_mult > 0 required",
+                         "fix the values")
+    return s.token_budget // tokens_per_step
+
+
+# -- what trains -----------------------------------------------------------------------------------
+
+def select_trainable(model: nn.Module, s: TrainSettings) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """Freeze everything but adapters (+ γ, + replaced pre-norms if asked); return (adapter, norm) params."""
+    spec = getattr(model, "flexigpt_spec", None)
+    adapter = get_adapter(model)
+    prenorm_ids: set[int] = set()
+    if s.train_prenorms and spec is not None:
+        prenorm_ids = {id(p) for pos in spec.replaced for n in adapter.norms(pos).values() for p in n.parameters()}
+    lora, norms = [], []
+    for name, p in model.named_parameters():
+        is_norm = "flexi_" in name or id(p) in prenorm_ids
+        train = s.unfreeze_all or "lora_" in name or is_norm
+        p.requires_grad_(train)
+        if train:
+            (norms if is_norm or (s.unfreeze_all and p.ndim == 1) else lora).append((name, p))
+    if not lora and not norms:
+        raise FlexiError("adapters", "the model has nothing to train (no adapters, norms or unfrozen weights)",
+                         "train a variant with adapters (flexigpt, shortgpt_lora) or set train.unfreeze_all")
+    return lora, norms
+
+
+def make_optimizer(lora, norms, s: TrainSettings) -> torch.optim.Optimizer:
+    groups = [{"params": [p for _, p in lora], "lr": s.lr, "weight_decay": s.weight_decay},
+              {"params": [p for _, p in norms], "lr": s.lr * s.norm_lr_mult, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_factor(step: int, total: int, s: TrainSettings) -> float:
+    """Linear warmup to 1, then cosine/linear decay to ``min_lr_ratio`` (or constant)."""
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.schedule == "constant" or total <= s.warmup_steps:
+        return 1.0
+    t = (step - s.warmup_steps) / max(1, total - s.warmup_steps)
+    decay = 0.5 * (1 + math.cos(math.pi * t)) if s.schedule == "cosine" else 1 - t
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * decay
+
+
+# -- data order ------------------------------------------------------------------------------------
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
+    """Global batch ``step``: rows of a per-epoch permutation seeded by (seed, epoch)."""
+    per_epoch = n // batch
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)[k * batch:(k + 1) * batch]
+
+
+# -- losses ----------------------------------------------------------------------------------------
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), mean over tokens."""
+    s = F.log_softmax(student[:, :-1].float() / T, -1).flatten(0, 1)
+    t = F.log_softmax(teacher[:, :-1].float() / T, -1).flatten(0, 1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * T * T
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+def spec_hash(model: nn.Module) -> str:
+    spec = getattr(model, "flexigpt_spec", None)
+    blob = json.dumps(spec.to_dict() if spec is not None else {"dense": model.config.num_hidden_layers}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, state: dict) -> None:
+    """Trainable tensors + AdamW moments (safetensors, no pickle) + JSON state, written atomically."""
+    names = {id(p): n for n, p in named.items()}
+    moments = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    moments[f"{names[id(p)]}::{k}"] = st[k].detach().contiguous().cpu()
+            if "step" in st:
+                state.setdefault("adam_step", {})[names[id(p)]] = float(st["step"])
+    with atomic_dir(path) as tmp:
+        save_file({n: p.detach().contiguous().cpu() for n, p in named.items()}, str(tmp / "trainable.safetensors"))
+        save_file(moments or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
+        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def load_checkpoint(path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, expect_hash: str) -> dict:
+    state = json.loads((path / "state.json").read_text())
+    if state.get("spec_hash") != expect_hash:
+        raise FlexiError("train.resume", f"checkpoint {path} was written for a different plan/model "
+                         f"({state.get('spec_hash')} != {expect_hash})",
+                         f"delete {path} to start over, or set train.resume: false")
+    tensors = load_file(str(path / "trainable.safetensors"))
+    if set(tensors) != set(named):
+        raise FlexiError("train.resume", f"checkpoint {path} holds other trainable tensors", f"delete {path}")
+    moments = load_file(str(path / "optimizer.safetensors"))
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(tensors[n])
+    for group in opt.param_groups:
+        for p in group["params"]:
+            n = next(k for k, v in named.items() if v is p)
+            if f"{n}::exp_avg" in moments:
+                opt.state[p] = {"step": torch.tensor(state["adam_step"][n]),
+                                "exp_avg": moments[f"{n}::exp_avg"].to(p.device),
+                                "exp_avg_sq": moments[f"{n}::exp_avg_sq"].to(p.device)}
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_rng"])
+    return state
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens_seen: int
+    final_loss: float
+    wall_s: float
+    tokens_per_s: float
+    history: list[dict]
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "history"}
+
+
+def _mixed_precision(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[dtype]
+
+
+def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teacher: nn.Module | None = None,
+          ckpt_dir: str | os.PathLike | None = None, resume: bool = True,
+          on_step: Callable[[dict], None] | None = None, accelerator=None) -> TrainResult:
+    """Train ``model``'s adapters (+norms) on ``train_ids`` [N, T] for ``s.token_budget`` tokens."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    acc = accelerator or Accelerator(mixed_precision=_mixed_precision(s.dtype), cpu=not torch.cuda.is_available())
+    world, rank = acc.num_processes, acc.process_index
+    n, seq_len = train_ids.shape
+    total = validate(s, n, seq_len, world)
+    lora, norms = select_trainable(model, s)
+    named = dict(lora + norms)
+    opt = make_optimizer(lora, norms, s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda st: lr_factor(st, total, s))
+    start, history, tokens_seen = 0, [], 0
+    ckpt = Path(ckpt_dir) if ckpt_dir else None
+    h = spec_hash(model)
+    if ckpt and resume and (ckpt / "state.json").is_file():
+        st = load_checkpoint(ckpt, named, opt, h)
+        start, history, tokens_seen = st["step"], st["history"], st["tokens_seen"]
+        sched.load_state_dict(st["scheduler"])
+        for g, lr in zip(opt.param_groups, sched.get_last_lr()):  # LambdaLR's load does not touch the optimizer
+            g["lr"] = lr
+        log.info("resumed from %s at step %d/%d", ckpt, start, total)
+    model.train()
+    raw_opt = opt
+    model, opt = acc.prepare(model, opt)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False).to(acc.device)
+    micro_per_rank = s.batch_size // (s.micro_batch * world)
+    bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not acc.is_main_process)
+    t_run = time.time()
+    for step in bar:
+        t0 = time.time()
+        idx = batch_indices(step, s.batch_size, n, s.seed)
+        mine = idx.view(world, -1)[rank]  # this process's fixed shard of the global batch
+        loss_sum = torch.zeros((), device=acc.device)
+        for m in range(micro_per_rank):
+            ids = train_ids[mine[m * s.micro_batch:(m + 1) * s.micro_batch]].long().to(acc.device)
+            ctx = acc.no_sync(model) if m < micro_per_rank - 1 else _null()
+            with ctx, acc.autocast():
+                logits = model(input_ids=ids, use_cache=False).logits
+                loss = lm_loss(logits, ids)
+                if teacher is not None and s.kd_weight > 0:
+                    with torch.no_grad():
+                        t_logits = teacher(input_ids=ids, use_cache=False).logits
+                    loss = loss + s.kd_weight * kd_loss(logits, t_logits, s.kd_temperature)
+                acc.backward(loss / micro_per_rank)
+            loss_sum += loss.detach() / micro_per_rank
+        loss_mean = acc.reduce(loss_sum, reduction="mean").item()
+        if not math.isfinite(loss_mean):
+            opt.zero_grad(set_to_none=True)
+            last = f"the last good checkpoint (step {_ckpt_step(ckpt)}) is kept in {ckpt}" if ckpt else "no checkpoint"
+            raise FlexiError("train.lr", f"loss became {loss_mean} at step {step}; {last}",
+                             "lower train.lr or train.norm_lr_mult, keep train.grad_clip > 0, then rerun to resume")
+        gnorm = acc.clip_grad_norm_([p for p in named.values()], s.grad_clip if s.grad_clip > 0 else float("inf"))
+        lr_used = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_seen += s.batch_size * seq_len
+        dt = time.time() - t0
+        rec = {"step": step + 1, "loss": loss_mean, "lr": lr_used, "grad_norm": float(gnorm),
+               "tokens_per_s": s.batch_size * seq_len / dt, "tokens_seen": tokens_seen}
+        history.append(rec)
+        bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{rec['lr']:.2e}")
+        if on_step and acc.is_main_process:
+            on_step(rec)
+        if ckpt and s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and (step + 1) < total:
+            if acc.is_main_process:
+                save_checkpoint(ckpt, named, raw_opt, {"step": step + 1, "tokens_seen": tokens_seen, "history": history,
+                                                   "scheduler": sched.state_dict(), "spec_hash": h})
+            acc.wait_for_everyone()
+    wall = time.time() - t_run
+    model = acc.unwrap_model(model)
+    model.eval()
+    done = total - start
+    return TrainResult(total, tokens_seen, history[-1]["loss"] if history else float("nan"), wall,
+                       done * s.batch_size * seq_len / max(wall, 1e-9), history)
+
+
+def _ckpt_step(ckpt: Path | None) -> int | None:
+    if ckpt and (ckpt / "state.json").is_file():
+        return json.loads((ckpt / "state.json").read_text())["step"]
+    return None
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False

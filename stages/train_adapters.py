@@ -1,0 +1,92 @@
+"""Stage train_adapters: train a variant's adapters (+ norms); run it with `accelerate launch`.
+
+    accelerate launch --cpu --num_processes 2 stages/train_adapters.py --variant flexigpt
+"""
+import argparse
+import json
+import math
+from dataclasses import fields
+
+from safetensors.torch import load_file
+
+from flexigpt import compact
+from flexigpt.errors import FlexiError
+from flexigpt.fileio import atomic_file, write_json
+from flexigpt.importance import mean_nll
+from flexigpt.model_import import load_plain
+from flexigpt.plan import Plan
+from flexigpt.stagekit import StageContext, is_main_process, log, stage_main
+from flexigpt.train import TrainSettings, train, validate
+from flexigpt.variants import build_variant, spec_for
+
+TRAINABLE = ("flexigpt", "shortgpt_lora")
+
+
+def settings(p) -> TrainSettings:
+    s = TrainSettings()
+    for f in fields(TrainSettings):
+        if f.name in p.section("train"):
+            setattr(s, f.name, p.get(f"train.{f.name}"))
+    s.seed = p.int("seed", min=0) if "seed" not in p.section("train") else p.int("train.seed", min=0)
+    return s
+
+
+def split(ctx: StageContext, name: str):
+    f = ctx.path("data") / f"{name}.safetensors"
+    if not f.is_file():
+        raise FlexiError("paths.data", f"no {name} split at {f}", "run `dvc repro prepare_calibration` first")
+    return load_file(str(f))["input_ids"]
+
+
+def load_model(ctx: StageContext, variant: str):
+    """FlexiGPT starts from the svd_init artifact; ShortGPT+LoRA is built from base + plan."""
+    base, tok = load_plain(ctx.path("base_model"))
+    plan = Plan.from_dict(json.loads((ctx.path("plan") / "plan.json").read_text()))
+    if variant == "flexigpt":
+        return compact.load(ctx.path("flexigpt_init")), base, tok
+    return build_variant(base, variant, ctx.params, plan), base, tok
+
+
+def body(ctx: StageContext, variant: str) -> None:
+    p = ctx.params
+    s = settings(p)
+    ids = split(ctx, "train")
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(s, ids.shape[0], ids.shape[1], world)  # fail fast, before loading any weights
+    model, base, tok = load_model(ctx, variant)
+    teacher = base if s.kd_weight > 0 else None
+    if teacher is None:
+        del base
+    curve = ctx.path("plots_dir") / f"train_{variant}.csv"
+    curve.parent.mkdir(parents=True, exist_ok=True)
+    rows = ["step,loss,lr,grad_norm,tokens_per_s,tokens_seen"]
+
+    def on_step(rec: dict) -> None:
+        ctx.run.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+        rows.append(",".join(str(rec[k]) for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen")))
+
+    res = train(model, ids, s, teacher=teacher, ckpt_dir=ctx.path("checkpoints") / variant,
+                resume=p.bool("train.resume", default=True), on_step=on_step)
+    if not is_main_process():
+        return
+    with atomic_file(curve) as tmp:
+        tmp.write_text("\n".join(rows) + "\n")
+    heldout = split(ctx, "heldout").long()
+    ppl = math.exp(mean_nll(model, heldout, batch_size=p.int("svd_init.batch_size", min=1), dtype="bfloat16",
+                            progress=True))
+    out = ctx.path("trained") / variant
+    compact.save(model, out, tokenizer=tok)
+    metrics = {**res.to_dict(), "heldout_ppl": ppl, "variant": variant}
+    write_json(ctx.path("metrics_dir") / f"train_{variant}.json", metrics)
+    ctx.run.log_metrics({k: v for k, v in metrics.items() if k != "variant"})
+    ctx.run.log_artifact(curve)
+    log.info("%s: final loss %.3f, heldout PPL %.2f, %.0f tok/s", variant, res.final_loss, ppl, res.tokens_per_s)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", choices=TRAINABLE, required=True)
+    a = ap.parse_args()
+    stage_main(f"train_adapters@{a.variant}", lambda ctx: body(ctx, a.variant))
