@@ -2,7 +2,10 @@
 
 Prints WikiText-2 token PPL @512 and @2048 and 0-shot lm-eval accuracies (reference limits:
 HellaSwag first 2000 docs, BoolQ first 1000, the rest full) next to the dense row of
-``../shared/docs/reference-numbers.md``. A full run takes ~20 min on 2 cores; for a quick look::
+``../shared/docs/reference-numbers.md``. A full run took ~20 min on the reference machine's 2 cores.
+On a CPU without native bf16 (no AVX512_BF16 / AMX flags in lscpu) bf16 autocast is emulated and
+2-4x slower than float32; there ``--dtype float32`` is the faster choice (the reference notes bf16
+and fp32 PPL agree within 0.02%). For a quick look::
 
     python benchmarks/bench_eval_protocol.py --max-windows 4 --limit-scale 0.02
 
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit-scale", type=float, default=1.0, help="fraction of the reference doc limits")
     ap.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     ap.add_argument("--ppl-batch-size", type=int, default=1)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="bfloat16 = the reference protocol (bf16 autocast, fp32 log-softmax)")
     ap.add_argument("--skip-ppl", action="store_true")
     ap.add_argument("--skip-zero-shot", action="store_true")
     ap.add_argument("--out", default=None, help="also write all results to this JSON file")

@@ -12,7 +12,7 @@ import runpy
 import sys
 from pathlib import Path
 
-STAGES = ["import_model", "prepare_calibration"]
+STAGES = ["import_model", "prepare_calibration", "score_importance", "prune", "svd_init", "train_adapters", "evaluate"]
 
 
 def project_root() -> Path:
@@ -23,12 +23,12 @@ def project_root() -> Path:
     sys.exit("error: no stages/ folder found; run flexigpt from the project root")
 
 
-def _run_stage(name: str, params: str | None) -> None:
+def _run_stage(name: str, params: str | None, extra: list[str]) -> None:
     root = project_root()
     if params:
         os.environ["FLEXIGPT_PARAMS"] = str(Path(params).resolve())
     os.chdir(root)
-    sys.argv = [f"stages/{name}.py"]
+    sys.argv = [f"stages/{name}.py", *extra]
     runpy.run_path(str(root / "stages" / f"{name}.py"), run_name="__main__")
 
 
@@ -49,23 +49,90 @@ def _fetch_text(args: argparse.Namespace) -> None:
     print(f"wrote {len(src.docs)} documents to {args.out}")
 
 
+def _lineage(args: argparse.Namespace) -> None:
+    import mlflow
+
+    from . import lineage
+    from .tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(project_root()))
+    client = mlflow.MlflowClient()
+    run = lineage.find_run(client, args.what, args.stage)
+    if run is None:
+        sys.exit(f"error: no run or metric named {args.what!r} in {tracking_uri(project_root())}\n"
+                 "  fix: pass a run id, or a metric key as shown by `dvc metrics show` / the MLflow UI")
+    metric = None if run.info.run_id == args.what else args.what
+    print(lineage.describe(client, run, metric))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="flexigpt", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for s in STAGES:
-        sp = sub.add_parser(s.replace("_", "-"), help=f"run the {s} stage (reads params.yaml)")
+        sp = sub.add_parser(s.replace("_", "-"), help=f"run the {s} stage (reads params.yaml; extra args go to "
+                                                      f"stages/{s}.py, e.g. --variant)")
         sp.add_argument("--params", help="params file (default: params.yaml in the project root)")
     ft = sub.add_parser("fetch-text", help="download a hub text dataset to jsonl (online)")
     ft.add_argument("spec", help="hf:NAME[:CONFIG]:SPLIT")
     ft.add_argument("--out", required=True, help="jsonl file to write")
     ft.add_argument("--text-field", default="text")
-    args = ap.parse_args(argv)
+    pr = sub.add_parser("preset", help="print `dvc exp run` -S flags for a preset file (configs/presets/*.yaml)")
+    pr.add_argument("file")
+    ln = sub.add_parser("lineage", help="print which code, params and data produced a metric or run")
+    ln.add_argument("what", help="a metric key (newest run that logged it) or an MLflow run id")
+    ln.add_argument("--stage", help="only runs of this stage (e.g. evaluate@flexigpt)")
+    args, extra = ap.parse_known_args(argv)
+    if extra and args.cmd.replace("-", "_") not in STAGES:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd == "fetch-text":
         _fetch_text(args)
+    elif args.cmd == "preset":
+        import shlex
+
+        print(" ".join(shlex.quote(f) for f in preset_flags(args.file)))
+    elif args.cmd == "lineage":
+        _lineage(args)
     else:
-        _run_stage(args.cmd.replace("-", "_"), args.params)
+        _run_stage(args.cmd.replace("-", "_"), args.params, extra)
 
 
 if __name__ == "__main__":
     main()
+
+
+def _hydra(v) -> str:
+    """A value in Hydra override syntax (what `dvc exp run -S` parses)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_hydra(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(_hydra(x) for x in v) + "]"
+    return str(v)
+
+
+def preset_flags(path: str, params: str = "params.yaml") -> list[str]:
+    """``-S key=value`` flags for ``dvc exp run`` from a preset YAML.
+
+    Nested groups are followed only as deep as params.yaml has groups, so a preset may replace a
+    scalar by a map (e.g. a per-task ``evaluate.limit``).
+    """
+    import yaml
+
+    base = yaml.safe_load(Path(params).read_text()) or {} if Path(params).is_file() else {}
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    flags: list[str] = []
+
+    def walk(node: dict, ref, prefix: str) -> None:
+        for k, v in node.items():
+            r = ref.get(k) if isinstance(ref, dict) else None
+            if isinstance(v, dict) and isinstance(r, dict):
+                walk(v, r, f"{prefix}{k}.")
+            else:
+                flags.extend(["-S", f"{prefix}{k}={_hydra(v)}"])
+
+    walk(data, base, "")
+    return flags

@@ -261,3 +261,41 @@ def unique_params(model: nn.Module) -> int:
 def adapter_params(model: nn.Module) -> int:
     """Parameters that belong to LoRA adapters and output norms."""
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "flexi_" in n)
+
+
+def extend_spec(num_blocks: int, start: int, end: int, pattern: str, repeats: int, lora: LoraSettings, *,
+                gamma_init: float = 1e-3, target_depth: int | None = None) -> FlexiSpec:
+    """Grow a model by repeating blocks ``start..end`` (inclusive), paper §1.7.
+
+    ``block``: each block repeated ``repeats`` times (a, a, b, b, …); ``sequential``: the whole
+    range repeated (a..b, a..b). Every repeat after the first shares its source's weights and gets
+    its own LoRA and output norms. W_repeat - W_source = 0, so ``svd_diff`` has nothing to take:
+    repeat adapters start with B = 0 (standard LoRA init) and the small γ makes each repeat start
+    near identity (exactly identity at γ = 0).
+    """
+    if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start < num_blocks or not 0 <= end < num_blocks:
+        raise FlexiError("extend.start", f"range [{start}, {end}] is outside blocks 0..{num_blocks - 1}",
+                         f"use 0 <= start <= end <= {num_blocks - 1}")
+    if start > end:
+        raise FlexiError("extend.start", f"start {start} > end {end}", "swap them: start must be <= end")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise FlexiError("extend.repeats", f"must be an integer >= 1, got {repeats!r}", "use 2 to double the range")
+    if pattern not in ("block", "sequential"):
+        raise FlexiError("extend.pattern", f"unknown pattern {pattern!r}", "use block or sequential")
+    span = list(range(start, end + 1))
+    mid = [b for b in span for _ in range(repeats)] if pattern == "block" else span * repeats
+    sources = list(range(start)) + mid + list(range(end + 1, num_blocks))
+    if target_depth is not None and target_depth != len(sources):
+        per = end - start + 1
+        raise FlexiError("extend.target_depth", f"{target_depth} cannot be reached: repeating {per} blocks "
+                         f"{repeats}x gives depth {len(sources)}",
+                         f"pick a range whose length divides {target_depth - num_blocks} "
+                         f"(e.g. {target_depth - num_blocks} blocks repeated 2x), or set target_depth: null")
+    seen: set[int] = set()
+    replaced = []
+    for p, s in enumerate(sources):
+        if s in seen:
+            replaced.append(p)
+        seen.add(s)
+    lora = LoraSettings(**{**asdict(lora), "init": "zeros"})
+    return FlexiSpec(sources, replaced, num_blocks, replaced, lora, True, gamma_init)

@@ -29,12 +29,18 @@ WIKITEXT2_PROTOCOL = (r"wikitext2-raw test, rows joined by \n\n, non-overlapping
                       "last partial dropped")
 
 
-def load_wikitext2_text(data_dir: str | Path, param: str = "data.dir") -> str:
-    """WikiText-2 raw test: the ``text`` of every row of ``wikitext2/test.jsonl`` joined by "\\n\\n"."""
+def wikitext2_file(data_dir: str | Path, param: str = "data.dir") -> Path:
+    """Path of ``wikitext2/test.jsonl`` under ``data_dir`` (a clear error if it is missing)."""
     path = Path(data_dir).expanduser() / WIKITEXT2_FILE
     if not path.is_file():
         raise FlexiError(param, f"the WikiText-2 test file {path.resolve()} does not exist",
                          "point `data.dir` (or env FLEXIGPT_DATA_DIR) at the offline data folder (see SOURCES.md)")
+    return path
+
+
+def load_wikitext2_text(data_dir: str | Path, param: str = "data.dir") -> str:
+    """WikiText-2 raw test: the ``text`` of every row of ``wikitext2/test.jsonl`` joined by "\\n\\n"."""
+    path = wikitext2_file(data_dir, param)
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line)["text"] for line in f if line.strip()]
     return WIKITEXT2_JOIN.join(rows)

@@ -51,6 +51,7 @@ def stage_main(stage: str, body: Callable[[StageContext], None]) -> None:
     """Run ``body`` inside an MLflow run (main process only); turn FlexiError into a clean exit(2)."""
     from . import tracking
 
+    stage = os.environ.get("DVC_STAGE") or stage  # DVC's own name (e.g. evaluate@flexigpt) when run by DVC
     setup_logging()
     t0 = time.time()
     try:

@@ -29,6 +29,8 @@ def tracking_uri(root: Path | None = None) -> str:
 class StageRun:
     """Thin handle over an active MLflow run."""
 
+    parent_id: str | None = None
+
     def __init__(self, mlflow_mod: Any, run: Any) -> None:
         self._mlflow, self.run = mlflow_mod, run
 
@@ -59,11 +61,21 @@ def stage_run(stage: str, experiment: str, params: dict[str, Any], tags: dict[st
     """Open an MLflow run named ``stage`` in ``experiment``; mark it FAILED if the block raises."""
     import mlflow
 
+    from . import lineage
+
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_name=stage, tags={"flexigpt.stage": stage, **(tags or {})})
+    exp = mlflow.set_experiment(experiment)
+    client = mlflow.MlflowClient()
+    parent = lineage.parent_run_id(client, exp.experiment_id)
+    all_tags = {"flexigpt.stage": stage, **lineage.common_tags(), **(tags or {})}
+    if parent:
+        all_tags[lineage.PARENT_TAG] = parent
+    run = mlflow.start_run(run_name=stage, tags=all_tags)
     handle = StageRun(mlflow, run)
+    handle.parent_id = parent
+    handle.client = client
+    handle.experiment_id = exp.experiment_id
     try:
         flat = {k: ("null" if v is None else str(v))[:500] for k, v in flatten(params).items()}
         for i in range(0, len(flat), 100):
@@ -73,6 +85,7 @@ def stage_run(stage: str, experiment: str, params: dict[str, Any], tags: dict[st
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run(status="FINISHED")
+    lineage.record_producer(stage, handle.run_id)
 
 
 class NullRun(StageRun):

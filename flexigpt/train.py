@@ -50,7 +50,7 @@ class TrainSettings:
     token_budget: int = field(default=262144, metadata={"help": "training tokens; steps = budget // (batch*seq_len)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
     seed: int = field(default=0, metadata={"help": "data-order seed"})
-    dtype: str = field(default="bfloat16", metadata={"help": "autocast dtype: bfloat16 | float16 (GPU) | float32"})
+    dtype: str = field(default="auto", metadata={"help": "autocast dtype: auto | bfloat16 | float16 (GPU) | float32"})
     train_prenorms: bool = field(default=False, metadata={"help": "also train replaced blocks' pre-norms"})
     unfreeze_all: bool = field(default=False, metadata={"help": "train every parameter (full fine-tuning)"})
     kd_weight: float = field(default=0.0, metadata={"help": "weight of the KL distillation term (0 = off)"})
@@ -66,8 +66,8 @@ def validate(s: TrainSettings, n_train: int, seq_len: int, world: int = 1) -> in
         raise FlexiError("train.optimizer", f"unknown optimizer {s.optimizer!r}", f"use one of {list(OPTIMIZERS)}")
     if s.schedule not in SCHEDULES:
         raise FlexiError("train.schedule", f"unknown schedule {s.schedule!r}", f"use one of {list(SCHEDULES)}")
-    if s.dtype not in ("bfloat16", "float16", "float32"):
-        raise FlexiError("train.dtype", f"unknown dtype {s.dtype!r}", "use bfloat16, float16 (GPU) or float32")
+    if s.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise FlexiError("train.dtype", f"unknown dtype {s.dtype!r}", "use auto, bfloat16, float16 (GPU) or float32")
     for k in ("batch_size", "micro_batch", "token_budget"):
         if not isinstance(getattr(s, k), int) or getattr(s, k) < 1:
             raise FlexiError(f"train.{k}", f"must be a positive integer, got {getattr(s, k)!r}", "set a positive integer")
@@ -178,6 +178,11 @@ def save_checkpoint(path: Path, named: dict[str, nn.Parameter], opt: torch.optim
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
 
+def settings_hash(s: TrainSettings, n_train: int) -> str:
+    keep = {k: v for k, v in asdict(s).items() if k != "checkpoint_every"}
+    return hashlib.sha256(json.dumps({**keep, "n_train": n_train}, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def load_checkpoint(path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, expect_hash: str) -> dict:
     state = json.loads((path / "state.json").read_text())
     if state.get("spec_hash") != expect_hash:
@@ -218,7 +223,9 @@ class TrainResult:
 
 
 def _mixed_precision(dtype: str) -> str:
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[dtype]
+    from .devices import resolve_dtype
+
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[resolve_dtype(dtype)]
 
 
 def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teacher: nn.Module | None = None,
@@ -238,7 +245,11 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teache
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda st: lr_factor(st, total, s))
     start, history, tokens_seen = 0, [], 0
     ckpt = Path(ckpt_dir) if ckpt_dir else None
-    h = spec_hash(model)
+    h, sh = spec_hash(model), settings_hash(s, n)
+    if ckpt and resume and (ckpt / "state.json").is_file() and \
+            json.loads((ckpt / "state.json").read_text()).get("settings_hash") != sh:
+        log.warning("checkpoint %s was written with other train settings or data; starting fresh", ckpt)
+        resume = False
     if ckpt and resume and (ckpt / "state.json").is_file():
         st = load_checkpoint(ckpt, named, opt, h)
         start, history, tokens_seen = st["step"], st["history"], st["tokens_seen"]
@@ -293,9 +304,14 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teache
         if ckpt and s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and (step + 1) < total:
             if acc.is_main_process:
                 save_checkpoint(ckpt, named, raw_opt, {"step": step + 1, "tokens_seen": tokens_seen, "history": history,
-                                                   "scheduler": sched.state_dict(), "spec_hash": h})
+                                                   "scheduler": sched.state_dict(), "spec_hash": h,
+                                                       "settings_hash": sh})
             acc.wait_for_everyone()
     wall = time.time() - t_run
+    if ckpt and acc.is_main_process and (ckpt / "state.json").is_file():
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)  # the finished model is the artifact; a stale checkpoint would mislead
     model = acc.unwrap_model(model)
     model.eval()
     done = total - start

@@ -1,4 +1,6 @@
 """Stage prepare_calibration: text sources -> calibration / train / heldout token splits."""
+from pathlib import Path
+
 from safetensors.torch import save_file
 
 from flexigpt.config import data_dir
@@ -52,6 +54,8 @@ def body(ctx: StageContext) -> None:
     write_json(ctx.path("data_metrics"), metrics)
     ctx.run.log_metrics(metrics)
     ctx.run.log_artifact(ctx.path("data") / "manifest.json")
+    files = {**pool.files, **((held.files if held else {}))}
+    ctx.run.set_tags({f"data.sha256.{Path(f).name}": h for f, h in files.items()})
     log.info("splits: %s", {k: v["sequences"] for k, v in manifest["splits"].items()})
 
 

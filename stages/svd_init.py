@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from flexigpt import compact
 from flexigpt import flexi_model as fm
+from flexigpt.devices import resolve_dtype
 from flexigpt.errors import FlexiError
 from flexigpt.fileio import write_json
 from flexigpt.importance import mean_nll
@@ -30,7 +31,7 @@ def body(ctx: StageContext) -> None:
     plan = Plan.from_dict(__import__("json").loads(plan_file.read_text()))
     spec = flexigpt_spec(p, plan)  # validates adapters.* and norm.* before loading weights
     bs = p.int("svd_init.batch_size", min=1)
-    dtype = p.str("svd_init.eval_dtype", choices=["bfloat16", "float32"])
+    dtype = resolve_dtype(p.str("svd_init.eval_dtype", choices=["auto", "bfloat16", "float32"]))
     ids = heldout_ids(ctx)
     base, tok = load_plain(ctx.path("base_model"))
     fm.validate_spec(fm.get_adapter(base), spec)

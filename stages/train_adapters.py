@@ -10,6 +10,7 @@ from dataclasses import fields
 from safetensors.torch import load_file
 
 from flexigpt import compact
+from flexigpt.devices import resolve_dtype
 from flexigpt.errors import FlexiError
 from flexigpt.fileio import atomic_file, write_json
 from flexigpt.importance import mean_nll
@@ -74,7 +75,7 @@ def body(ctx: StageContext, variant: str) -> None:
     with atomic_file(curve) as tmp:
         tmp.write_text("\n".join(rows) + "\n")
     heldout = split(ctx, "heldout").long()
-    ppl = math.exp(mean_nll(model, heldout, batch_size=p.int("svd_init.batch_size", min=1), dtype="bfloat16",
+    ppl = math.exp(mean_nll(model, heldout, batch_size=s.micro_batch, dtype=resolve_dtype(s.dtype),
                             progress=True))
     out = ctx.path("trained") / variant
     compact.save(model, out, tokenizer=tok)

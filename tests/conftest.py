@@ -11,12 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FLEXIGPT_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
-def make_tiny_llama(n_layers: int = 6, hidden: int = 32, seed: int = 0, vocab: int = 128):
+def make_tiny_llama(n_layers: int = 6, hidden: int = 32, seed: int = 0, vocab: int = 128, kv_heads: int = 2,
+                    intermediate: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
-                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden + 8,
+                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=kv_heads,
                       max_position_embeddings=128, tie_word_embeddings=True, rms_norm_eps=1e-6)
     m = LlamaForCausalLM(cfg).eval()
     # random (non-unit) norm weights, so tests catch norms that are dropped or shared wrongly
@@ -55,3 +56,12 @@ def tiny_model(request):
 def tokens():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 128, (4, 16), generator=g)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one BLAS thread is fastest and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

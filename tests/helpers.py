@@ -56,18 +56,19 @@ def base_params(tmp: Path, model_source: str = "smollm2-135m") -> dict:
     p["data"]["dir"] = str(tmp / "data")
     for k, v in p["paths"].items():
         p["paths"][k] = str(tmp / v)
+    p["train_launch"]["config"] = str(ROOT / p["train_launch"]["config"])
     return p
 
 
-def run_stage(name: str, params: dict, tmp: Path, timeout: int = 600, mlflow_db: Path | None = None
-              ) -> subprocess.CompletedProcess:
+def run_stage(name: str, params: dict, tmp: Path, timeout: int = 600, mlflow_db: Path | None = None,
+              args: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run ``stages/<name>.py`` as DVC would, with params from ``params`` and MLflow under ``tmp``."""
     pfile = tmp / "params.yaml"
     pfile.write_text(yaml.safe_dump(params))
     db = mlflow_db or Path(os.environ.get("FLEXIGPT_TEST_MLFLOW_DB", tmp / "mlflow.db"))
     env = {**os.environ, "FLEXIGPT_PARAMS": str(pfile), "FLEXIGPT_MLFLOW_URI": f"sqlite:///{db}",
            "FLEXIGPT_DATA_DIR": params["data"]["dir"], "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, f"stages/{name}.py"], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, f"stages/{name}.py", *(args or [])], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

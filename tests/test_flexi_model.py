@@ -4,26 +4,18 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from flexigpt import compact
 from flexigpt import flexi_model as fm
 from flexigpt.arch import get_adapter
 from flexigpt.errors import FlexiError
-from conftest import make_tiny_opt
+from conftest import make_tiny_llama, make_tiny_opt
 
 
 def full_rank_llama(n_layers: int = 6, hidden: int = 32):
-    """Tiny Llama without GQA, so every projection is 32 x >=32 and rank 32 is full rank."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=hidden + 16, num_hidden_layers=n_layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    m = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return m
+    """Tiny Llama without GQA, so every projection is hidden x >=hidden and rank = hidden is full rank."""
+    return make_tiny_llama(n_layers, hidden, kv_heads=4, intermediate=hidden + 16)
 
 
 def models(hidden: int = 32):
@@ -163,32 +155,35 @@ def saved(tmp_path):
     return tmp_path / "c"
 
 
-def test_tampered_tensor_is_caught(saved):
+def _edit_adapters(saved, edit, rehash: bool) -> None:
+    """Rewrite adapters.safetensors through ``edit``; optionally update the file hash in the manifest."""
     from safetensors.torch import load_file, save_file
 
     t = load_file(str(saved / "adapters.safetensors"))
+    edit(t)
+    save_file(t, str(saved / "adapters.safetensors"), metadata={"format": compact.FORMAT})
+    if rehash:
+        man = json.loads((saved / compact.MANIFEST).read_text())
+        man["files"]["adapters.safetensors"] = compact.sha256_file(saved / "adapters.safetensors")
+        (saved / compact.MANIFEST).write_text(json.dumps(man))
+
+
+def _nudge(t):
     k = next(iter(t))
     t[k] = t[k] + 1e-3
-    save_file(t, str(saved / "adapters.safetensors"), metadata={"format": compact.FORMAT})
+
+
+def test_tampered_tensor_is_caught(saved):
+    _edit_adapters(saved, _nudge, rehash=False)
     with pytest.raises(FlexiError, match="checksum"):
         compact.load(saved)
-    # even with the file hash updated, the per-tensor checksum catches it
-    man = json.loads((saved / compact.MANIFEST).read_text())
-    man["files"]["adapters.safetensors"] = compact.sha256_file(saved / "adapters.safetensors")
-    (saved / compact.MANIFEST).write_text(json.dumps(man))
+    _edit_adapters(saved, lambda t: None, rehash=True)  # file hash now matches: the per-tensor checksum still catches it
     with pytest.raises(FlexiError, match="tampered"):
         compact.load(saved)
 
 
 def test_missing_tensor_is_caught(saved):
-    from safetensors.torch import load_file, save_file
-
-    t = load_file(str(saved / "adapters.safetensors"))
-    t.pop(next(iter(t)))
-    save_file(t, str(saved / "adapters.safetensors"), metadata={"format": compact.FORMAT})
-    man = json.loads((saved / compact.MANIFEST).read_text())
-    man["files"]["adapters.safetensors"] = compact.sha256_file(saved / "adapters.safetensors")
-    (saved / compact.MANIFEST).write_text(json.dumps(man))
+    _edit_adapters(saved, lambda t: t.pop(next(iter(t))), rehash=True)
     with pytest.raises(FlexiError, match="missing tensors"):
         compact.load(saved)
 

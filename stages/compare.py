@@ -1,0 +1,49 @@
+"""Stage compare: per-variant metrics -> comparison table (md, csv), chart, MLflow parent summary."""
+import json
+
+from flexigpt import lineage, report
+from flexigpt.errors import FlexiError
+from flexigpt.fileio import atomic_file, write_json
+from flexigpt.stagekit import StageContext, log, stage_main
+
+
+def body(ctx: StageContext) -> None:
+    variants = list(ctx.params.section("evaluate.variants"))
+    results = {}
+    for v in variants:
+        f = ctx.path("metrics_dir") / "eval" / f"{v}.json"
+        if not f.is_file():
+            raise FlexiError("evaluate.variants", f"no evaluation of {v!r} at {f}", f"run `dvc repro evaluate@{v}`")
+        results[v] = json.loads(f.read_text())
+    df = report.comparison_table(results)
+    protocols = next(iter(results.values())).get("protocols", {})
+    out = ctx.path("reports")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "comparison.csv") as tmp:
+        df.to_csv(tmp, float_format="%.4f")
+    with atomic_file(out / "comparison.md") as tmp:
+        tmp.write_text(report.to_markdown(df, protocols))
+    long = df[[c for c in ("wikitext2_ppl_512", "heldout_ppl", "paper_avg") if c in df.columns]].reset_index()
+    with atomic_file(ctx.path("plots_dir") / "comparison.csv") as tmp:
+        long.to_csv(tmp, index=False, float_format="%.4f")
+    png = ctx.path("plots_dir") / "comparison.png"
+    report.plot_comparison(df, str(png))
+    summary = {v: {k: (None if k not in df.columns else float(df.loc[v, k])) for k in
+                   ("heldout_ppl", "wikitext2_ppl_512", "paper_avg", "retained_pct")} for v in variants}
+    write_json(ctx.path("metrics_dir") / "comparison.json", summary)
+    for f in ("comparison.md", "comparison.csv"):
+        ctx.run.log_artifact(out / f)
+    ctx.run.log_artifact(png)
+    ctx.run.log_metrics(summary)
+    run = ctx.run
+    if getattr(run, "parent_id", None):  # the pipeline's parent run carries the table too
+        for f in (out / "comparison.md", out / "comparison.csv", png):
+            run.client.log_artifact(run.parent_id, str(f))
+        linked = lineage.link_cached_stages(run.client, run.experiment_id, run.parent_id, lineage.pipeline_stages())
+        if linked:
+            log.info("cached stages linked to their producing runs: %s", ", ".join(linked))
+    print(report.to_markdown(df, protocols))
+
+
+if __name__ == "__main__":
+    stage_main("compare", body)
