@@ -24,7 +24,11 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32")
     a = ap.parse_args()
+    from flexigpt.devices import resolve_dtype
+
+    dtype = resolve_dtype(a.dtype)
     base, _ = base_model()
     pl, ids = plan(), split("heldout")
     L = pl.num_blocks
@@ -44,7 +48,7 @@ def main() -> None:
         m = copy.deepcopy(base)
         if spec is not None:
             fm.build(m, spec)
-        ppl[name] = math.exp(mean_nll(m, ids, batch_size=a.batch_size, dtype="bfloat16"))
+        ppl[name] = math.exp(mean_nll(m, ids, batch_size=a.batch_size, dtype=dtype))
         print(f"{name:36s} {ppl[name]:12.2f} {fm.unique_params(m):14,d} {fm.adapter_params(m):15,d} {time.time() - t0:6.1f}")
         if name.startswith("flexigpt"):
             with tempfile.TemporaryDirectory() as d:

@@ -51,7 +51,10 @@ def stage_main(stage: str, body: Callable[[StageContext], None]) -> None:
     """Run ``body`` inside an MLflow run (main process only); turn FlexiError into a clean exit(2)."""
     from . import tracking
 
+    import signal
+
     stage = os.environ.get("DVC_STAGE") or stage  # DVC's own name (e.g. evaluate@flexigpt) when run by DVC
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated stage still marks its run FAILED
     setup_logging()
     t0 = time.time()
     try:

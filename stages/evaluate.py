@@ -90,7 +90,7 @@ def body(ctx: StageContext, variant: str) -> None:
     ctx.run.log_metrics({k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     ctx.run.log_metrics({"tasks": out["tasks"], "cost": out["cost"]})
     ctx.run.log_artifact(eval_dir / "lm_eval_results.json")
-    ctx.run.set_tags({f"data.sha256.{f.name}": sha256_file(f) for f in s["files"].values()})
+    ctx.run.set_tags({f"data.sha256.{f.parent.name}/{f.name}": sha256_file(f) for f in s["files"].values()})
     log.info("%s: paper average %s", variant, out["paper_average"])
 
 

@@ -55,7 +55,7 @@ def body(ctx: StageContext) -> None:
     ctx.run.log_metrics(metrics)
     ctx.run.log_artifact(ctx.path("data") / "manifest.json")
     files = {**pool.files, **((held.files if held else {}))}
-    ctx.run.set_tags({f"data.sha256.{Path(f).name}": h for f, h in files.items()})
+    ctx.run.set_tags({f"data.sha256.{Path(f).parent.name}/{Path(f).name}": h for f, h in files.items()})
     log.info("splits: %s", {k: v["sequences"] for k, v in manifest["splits"].items()})
 
 

@@ -100,12 +100,36 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     assert json.loads((tmp_path / "ck" / "state.json").read_text())["step"] == 4
 
 
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(step):
+    def on_step(rec):
+        if rec["step"] == step:
+            raise _Crash
+
+    return on_step
+
+
 def test_checkpoint_from_a_different_plan_is_refused(tmp_path):
-    train(flexi(), data(), settings(token_budget=8 * 32 * 3, checkpoint_every=2), ckpt_dir=tmp_path / "ck")
+    with pytest.raises(_Crash):  # dies after step 3, so the step-2 checkpoint stays behind
+        train(flexi(), data(), settings(token_budget=8 * 32 * 4, checkpoint_every=2), ckpt_dir=tmp_path / "ck",
+              on_step=_crash_at(3))
+    assert (tmp_path / "ck" / "state.json").is_file()
     other = fm.build(make_tiny_llama(), fm.prune_spec(6, {3: 2}, fm.LoraSettings(rank=4)))
     with pytest.raises(FlexiError) as e:
-        train(other, data(), settings(token_budget=8 * 32 * 3), ckpt_dir=tmp_path / "ck")
+        train(other, data(), settings(token_budget=8 * 32 * 4, checkpoint_every=2), ckpt_dir=tmp_path / "ck")
     assert e.value.param == "train.resume" and "different plan" in e.value.problem
+
+
+def test_finished_run_removes_its_checkpoint_and_other_settings_start_fresh(tmp_path):
+    with pytest.raises(_Crash):
+        train(flexi(), data(), settings(token_budget=8 * 32 * 4, checkpoint_every=2), ckpt_dir=tmp_path / "ck",
+              on_step=_crash_at(3))
+    res = train(flexi(), data(), settings(token_budget=8 * 32 * 4, checkpoint_every=2, lr=5e-3), ckpt_dir=tmp_path / "ck")
+    assert res.history[0]["step"] == 1  # another lr: the stale checkpoint is not resumed
+    assert not (tmp_path / "ck").exists()
 
 
 @pytest.mark.parametrize("kw,param", [
