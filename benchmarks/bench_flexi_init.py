@@ -12,7 +12,7 @@ import math
 import tempfile
 import time
 
-from common import base_model, plan, split
+from common import base_model, parse_with_dtype, plan, split
 
 from flexigpt import compact
 from flexigpt import flexi_model as fm
@@ -24,11 +24,7 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32")
-    a = ap.parse_args()
-    from flexigpt.devices import resolve_dtype
-
-    dtype = resolve_dtype(a.dtype)
+    a, dtype = parse_with_dtype(ap)
     base, _ = base_model()
     pl, ids = plan(), split("heldout")
     L = pl.num_blocks

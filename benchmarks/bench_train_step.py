@@ -9,7 +9,7 @@ import copy
 import time
 
 import torch
-from common import base_model, plan, split
+from common import base_model, parse_with_dtype, plan, split
 
 from flexigpt import flexi_model as fm
 from flexigpt.train import lm_loss
@@ -36,11 +36,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 (auto: bf16 only with native support)")
-    a = ap.parse_args()
-    from flexigpt.devices import resolve_dtype
-
-    dtype = resolve_dtype(a.dtype)
+    a, dtype = parse_with_dtype(ap)
     from peft import LoraConfig, get_peft_model
 
     base, _ = base_model()

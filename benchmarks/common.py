@@ -35,3 +35,12 @@ def plan():
     if not f.is_file():
         sys.exit(f"no {f}: run `dvc repro prune` first")
     return Plan.from_dict(json.loads(f.read_text()))
+
+
+def parse_with_dtype(ap):
+    """Add ``--dtype`` (auto | bfloat16 | float32) to ``ap``, parse, return (args, resolved dtype)."""
+    from flexigpt.devices import resolve_dtype
+
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 only where the hardware has it natively) | bfloat16 | float32")
+    a = ap.parse_args()
+    return a, resolve_dtype(a.dtype)

@@ -1,8 +1,8 @@
 """Compute-dtype choice: ``auto`` = bf16 where the hardware runs it natively, else float32.
 
-On CPUs without AVX512-BF16/AMX, bf16 autocast is emulated and ~3x *slower* than float32
-(measured on this project's 2-core CI machine: 261 tok/s fp32 vs 77 tok/s bf16 forward, SmolLM2,
-batch 4x512), while perplexity agrees within 0.02%.
+On CPUs without AVX512-BF16/AMX, bf16 autocast is emulated and ~2.5x *slower* than float32
+(`benchmarks/bench_importance.py` part a, this project's 2-core CI machine, SmolLM2, batch 4x512:
+651 tok/s fp32 vs 259 tok/s bf16 forward), while perplexity agrees within 0.02%.
 """
 from __future__ import annotations
 
