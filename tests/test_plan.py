@@ -154,6 +154,15 @@ def test_lowrank_block_distance_is_sum_sq_of_literal_eq2(tiny_llama):
     assert set(ranks.values()) == {4}
 
 
+def test_parallel_candidates_give_the_same_table_and_restore_threads(tiny_llama):
+    a = get_adapter(tiny_llama)
+    serial, _ = pl.distance_table(a, [1, 2], rank=4, progress=False, workers=1)
+    threads = torch.get_num_threads()
+    pooled, _ = pl.distance_table(a, [1, 2], rank=4, progress=False, workers=2)
+    assert pooled == serial
+    assert torch.get_num_threads() == threads
+
+
 def test_rank_above_matrix_size_is_clamped_with_a_warning(tiny_llama, caplog):
     a = get_adapter(tiny_llama)  # k/v_proj are 16 x 32, the rest >= 32 x 32
     with caplog.at_level(logging.WARNING, logger="flexigpt.plan"):
