@@ -1,7 +1,6 @@
 """Shared loading for the benchmark scripts (they run from the project root after `dvc repro`)."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def plan():
     f = ROOT / "artifacts" / "plan" / "plan.json"
     if not f.is_file():
         sys.exit(f"no {f}: run `dvc repro prune` first")
-    return Plan.from_dict(json.loads(f.read_text()))
+    return Plan.load(f)
 
 
 def parse_with_dtype(ap):

@@ -444,7 +444,9 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
+        """A plan from ``plan.json`` or from the folder holding it."""
         p = Path(path)
+        p = p / "plan.json" if p.is_dir() else p
         if not p.is_file():
             raise FlexiError("paths.plan", f"no pruning plan at {p}", "run the prune stage first (`dvc repro prune`)")
         return cls.from_dict(json.loads(p.read_text()))

@@ -11,12 +11,20 @@ from .lm_tasks import PAPER_TASKS, TASKS, headline
 PPL_COLS = ("heldout_ppl", "wikitext2_ppl_2048", "wikitext2_ppl_512", "lmeval_wikitext_word_ppl")
 
 
-def comparison_table(results: dict[str, dict[str, Any]], dense: str = "dense") -> pd.DataFrame:
-    """One row per variant: PPLs, headline accuracy per task, paper average, retained %, costs."""
+def comparison_table(results: dict[str, dict[str, Any]], dense: str = "dense",
+                     training: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
+    """One row per variant: PPLs, headline accuracy per task, paper average, retained %, costs.
+
+    ``training`` (variant -> train metrics) adds the trained variants' trainable parameters,
+    tokens and wall time. Variants marked ``applicable: false`` (ShortGPT in extend mode) are left out.
+    """
     rows = []
     ref = results.get(dense)
+    training = training or {}
     for name, r in results.items():
-        row: dict[str, Any] = {"variant": name}
+        if r.get("applicable") is False:
+            continue
+        row: dict[str, Any] = {"variant": name, "label": r.get("label", name)}
         for c in PPL_COLS:
             if r.get(c) is not None:
                 row[c] = r[c]
@@ -36,6 +44,9 @@ def comparison_table(results: dict[str, dict[str, Any]], dense: str = "dense") -
             row["latency_pct_of_dense"] = 100 * c["latency_s"] / ref["cost"]["latency_s"]
         if ref and c.get("stored_params") and ref.get("cost", {}).get("stored_params"):
             row["stored_pct_of_dense"] = 100 * c["stored_params"] / ref["cost"]["stored_params"]
+        t = training.get(name, {})
+        row.update(trainable_params=t.get("trainable_params"), train_tokens=t.get("tokens_seen"),
+                   train_s=t.get("wall_s"))
         rows.append(row)
     return pd.DataFrame(rows).set_index("variant")
 
@@ -45,7 +56,7 @@ def to_markdown(df: pd.DataFrame, protocols: dict[str, str]) -> str:
     show = [c for c in df.columns if not c.endswith("_stderr")]
     fmt = df[show].copy()
     for c in show:
-        if c in ("stored_params", "flops_per_token", "block_executions"):
+        if c in ("stored_params", "flops_per_token", "block_executions", "trainable_params"):
             fmt[c] = fmt[c].map(lambda v: f"{v / 1e6:.1f}M" if c != "block_executions" and pd.notna(v) else v)
         elif fmt[c].dtype.kind == "f":
             fmt[c] = fmt[c].map(lambda v: f"{v:.2f}" if pd.notna(v) else "")

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -56,6 +56,17 @@ class TrainSettings:
     kd_weight: float = field(default=0.0, metadata={"help": "weight of the KL distillation term (0 = off)"})
     kd_temperature: float = field(default=1.0, metadata={"help": "distillation temperature T"})
     checkpoint_every: int = field(default=16, metadata={"help": "steps between atomic checkpoints (0 = off)"})
+
+
+def settings_from_params(p) -> TrainSettings:
+    """``TrainSettings`` from the ``train.*`` params; the seed is ``train.seed`` if set, else ``seed``."""
+    s = TrainSettings()
+    section = p.section("train")
+    for f in fields(TrainSettings):
+        if f.name in section:
+            setattr(s, f.name, section[f.name])
+    s.seed = p.int("train.seed", min=0) if "seed" in section else p.int("seed", min=0)
+    return s
 
 
 def validate(s: TrainSettings, n_train: int, seq_len: int, world: int = 1) -> int:
@@ -107,7 +118,7 @@ def select_trainable(model: nn.Module, s: TrainSettings) -> tuple[list[tuple[str
             (norms if is_norm or (s.unfreeze_all and p.ndim == 1) else lora).append((name, p))
     if not lora and not norms:
         raise FlexiError("adapters", "the model has nothing to train (no adapters, norms or unfrozen weights)",
-                         "train a variant with adapters (flexigpt, shortgpt_lora) or set train.unfreeze_all")
+                         "train a variant with adapters (flexigpt, lora_baseline) or set train.unfreeze_all")
     return lora, norms
 
 

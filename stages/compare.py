@@ -1,6 +1,8 @@
 """Stage compare: per-variant metrics -> comparison table (md, csv), chart, MLflow parent summary."""
 import json
 
+import pandas as pd
+
 from flexigpt import lineage, report
 from flexigpt.errors import FlexiError
 from flexigpt.fileio import atomic_file, write_json
@@ -8,15 +10,18 @@ from flexigpt.stagekit import StageContext, log, stage_main
 
 
 def body(ctx: StageContext) -> None:
-    variants = list(ctx.params.section("evaluate.variants"))
-    results = {}
-    for v in variants:
+    results, training = {}, {}
+    for v in ctx.params.section("evaluate.variants"):
         f = ctx.path("metrics_dir") / "eval" / f"{v}.json"
         if not f.is_file():
             raise FlexiError("evaluate.variants", f"no evaluation of {v!r} at {f}", f"run `dvc repro evaluate@{v}`")
         results[v] = json.loads(f.read_text())
-    df = report.comparison_table(results)
-    protocols = next(iter(results.values())).get("protocols", {})
+        t = ctx.path("metrics_dir") / f"train_{v}.json"
+        if t.is_file():
+            training[v] = json.loads(t.read_text())
+    df = report.comparison_table(results, training=training)
+    variants = list(df.index)
+    protocols = next(r for r in results.values() if r.get("applicable", True)).get("protocols", {})
     out = ctx.path("reports")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "comparison.csv") as tmp:
@@ -28,9 +33,11 @@ def body(ctx: StageContext) -> None:
         long.to_csv(tmp, index=False, float_format="%.4f")
     png = ctx.path("plots_dir") / "comparison.png"
     report.plot_comparison(df, str(png))
-    summary = {v: {k: (None if k not in df.columns else float(df.loc[v, k])) for k in
-                   ("heldout_ppl", "wikitext2_ppl_512", "paper_avg", "retained_pct")} for v in variants}
-    write_json(ctx.path("metrics_dir") / "comparison.json", summary)
+    summary = {v: {k: (float(df.loc[v, k]) if k in df.columns and pd.notna(df.loc[v, k]) else None) for k in
+                   ("heldout_ppl", "wikitext2_ppl_512", "paper_avg", "retained_pct", "latency_pct_of_dense",
+                    "stored_pct_of_dense", "train_s")} for v in variants}
+
+    write_json(ctx.path("metrics_dir") / "comparison.json", {"mode": ctx.params.str("mode", default="prune"), **summary})
     for f in ("comparison.md", "comparison.csv"):
         ctx.run.log_artifact(out / f)
     ctx.run.log_artifact(png)

@@ -4,7 +4,6 @@ The variant's model comes from ``evaluate.variants[<variant>]``: a plain HF fold
 folder (ShortGPT: the plan's blocks removed from the base model), or a compact flexigpt folder.
 """
 import argparse
-import json
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -17,7 +16,7 @@ from flexigpt.fileio import sha256_file, write_json
 from flexigpt.model_import import load_plain
 from flexigpt.plan import Plan
 from flexigpt.stagekit import StageContext, log, stage_main
-from flexigpt.variants import build_variant
+from flexigpt.variants import applicable, build_variant, label, mode
 
 
 def load_variant(ctx: StageContext, variant: str, path: Path):
@@ -26,8 +25,7 @@ def load_variant(ctx: StageContext, variant: str, path: Path):
     if (path / compact.MANIFEST).is_file():
         return compact.load(path), tok
     if (path / "plan.json").is_file():
-        plan = Plan.from_dict(json.loads((path / "plan.json").read_text()))
-        return build_variant(base, "shortgpt", ctx.params, plan, copy_base=False), tok
+        return build_variant(base, "shortgpt", ctx.params, Plan.load(path), copy_base=False), tok
     if (path / "config.json").is_file():
         return (base, tok) if path.resolve() == ctx.path("base_model").resolve() else load_plain(path)
     raise FlexiError(f"evaluate.variants.{variant}", f"{path} is not a model, plan or compact folder",
@@ -58,8 +56,15 @@ def settings(ctx: StageContext, variant: str) -> dict:
 
 def body(ctx: StageContext, variant: str) -> None:
     s = settings(ctx, variant)
+    out_file = ctx.path("metrics_dir") / "eval" / f"{variant}.json"
+    if not applicable(variant, ctx.params):
+        log.info("%s does not exist in mode %s: recorded as not applicable", variant, mode(ctx.params))
+        write_json(out_file, {"variant": variant, "mode": mode(ctx.params), "applicable": False})
+        write_json(ctx.path("eval") / variant / "not_applicable.json", {"variant": variant, "mode": mode(ctx.params)})
+        return
     model, tok = load_variant(ctx, variant, s["path"])
-    out: dict = {"variant": variant, "dtype": s["dtype"], "protocols": {}}
+    out: dict = {"variant": variant, "label": label(variant, ctx.params), "mode": mode(ctx.params),
+                 "applicable": True, "dtype": s["dtype"], "protocols": {}}
     heldout = load_file(str(ctx.path("data") / "heldout.safetensors"))["input_ids"].long()
     h = perplexity.heldout_ppl(model, heldout, batch_size=s["batch_size"], dtype=s["dtype"], progress=True)
     out["heldout_ppl"], out["protocols"]["heldout_ppl"] = h["ppl"], h["protocol"]
@@ -86,7 +91,7 @@ def body(ctx: StageContext, variant: str) -> None:
     eval_dir = ctx.path("eval") / variant
     eval_dir.mkdir(parents=True, exist_ok=True)
     lm_tasks.save_results(zs["raw"], eval_dir / "lm_eval_results.json")
-    write_json(ctx.path("metrics_dir") / "eval" / f"{variant}.json", out)
+    write_json(out_file, out)
     ctx.run.log_metrics({k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     ctx.run.log_metrics({"tasks": out["tasks"], "cost": out["cost"]})
     ctx.run.log_artifact(eval_dir / "lm_eval_results.json")

@@ -1,11 +1,18 @@
-"""Stage svd_init: base model + plan -> FlexiGPT at init (compact) + start-PPL of dense/ShortGPT/FlexiGPT."""
+"""Stage svd_init: base model (+ plan) -> FlexiGPT at init (compact) + start perplexities.
+
+``mode: prune``: replaced blocks with svd_diff adapters; start PPL of dense / ShortGPT / FlexiGPT.
+``mode: extend``: repeated blocks with zero-init adapters; start PPL of the base and the extended
+model (equal up to the small γ), the new depth and the parameter overhead.
+"""
 import math
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from flexigpt import compact
 from flexigpt import flexi_model as fm
+from flexigpt import variants
 from flexigpt.devices import resolve_dtype
 from flexigpt.errors import FlexiError
 from flexigpt.fileio import write_json
@@ -13,7 +20,6 @@ from flexigpt.importance import mean_nll
 from flexigpt.model_import import load_plain
 from flexigpt.plan import Plan
 from flexigpt.stagekit import StageContext, log, stage_main
-from flexigpt.variants import build_variant, flexigpt_spec
 
 
 def heldout_ids(ctx: StageContext) -> torch.Tensor:
@@ -25,19 +31,20 @@ def heldout_ids(ctx: StageContext) -> torch.Tensor:
 
 def body(ctx: StageContext) -> None:
     p = ctx.params
-    plan_file = ctx.path("plan") / "plan.json" if ctx.path("plan").is_dir() else ctx.path("plan")
-    if not plan_file.is_file():
-        raise FlexiError("paths.plan", f"no plan at {plan_file}", "run `dvc repro prune` first")
-    plan = Plan.from_dict(__import__("json").loads(plan_file.read_text()))
-    spec = flexigpt_spec(p, plan)  # validates adapters.* and norm.* before loading weights
+    mode = variants.mode(p)
+    plan = Plan.load(ctx.path("plan")) if mode == "prune" else None  # extension needs no pruning plan
+    num_blocks = AutoConfig.from_pretrained(ctx.path("base_model")).num_hidden_layers
+    spec = variants.flexigpt_spec(p, plan, num_blocks)  # validates adapters/norm/extend params before loading weights
     bs = p.int("svd_init.batch_size", min=1)
     dtype = resolve_dtype(p.str("svd_init.eval_dtype", choices=["auto", "bfloat16", "float32"]))
     ids = heldout_ids(ctx)
     base, tok = load_plain(ctx.path("base_model"))
     fm.validate_spec(fm.get_adapter(base), spec)
-    metrics: dict = {}
+    metrics: dict = {"mode": mode, "depth_before": num_blocks, "depth_after": len(spec.sources)}
     for variant in ("dense", "shortgpt", "flexigpt"):
-        model = build_variant(base, variant, p, plan)
+        if not variants.applicable(variant, p):
+            continue
+        model = variants.build_variant(base, variant, p, plan)
         nll = mean_nll(model, ids, batch_size=bs, dtype=dtype, progress=True)
         metrics[variant] = {"heldout_ppl": math.exp(nll), "stored_params": fm.unique_params(model),
                             "adapter_params": fm.adapter_params(model)}
@@ -49,10 +56,14 @@ def body(ctx: StageContext) -> None:
     metrics["disk"] = {"dense_bytes": dense_bytes, "compact_bytes": sizes["base_bytes"] + sizes["adapter_bytes"],
                        **sizes}
     metrics["disk"]["compact_vs_dense"] = metrics["disk"]["compact_bytes"] / dense_bytes
-    metrics["start_ppl_vs_shortgpt"] = metrics["flexigpt"]["heldout_ppl"] / metrics["shortgpt"]["heldout_ppl"]
+    ref = "shortgpt" if mode == "prune" else "dense"
+    metrics[f"start_ppl_vs_{ref}"] = metrics["flexigpt"]["heldout_ppl"] / metrics[ref]["heldout_ppl"]
+    metrics["param_overhead_vs_dense"] = metrics["flexigpt"]["stored_params"] / metrics["dense"]["stored_params"] - 1
     metrics["heldout_tokens"] = int(ids.numel())
+    log.info("%s mode: depth %d -> %d, stored params %+.1f%% vs dense", mode, num_blocks, len(spec.sources),
+             100 * metrics["param_overhead_vs_dense"])
     write_json(ctx.path("svd_init_metrics"), metrics)
-    ctx.run.log_metrics(metrics)
+    ctx.run.log_metrics({k: v for k, v in metrics.items() if k != "mode"})
     ctx.run.log_artifact(ctx.path("flexigpt_init") / "flexigpt.json")
 
 

@@ -1,13 +1,16 @@
 """Stage train_adapters: train a variant's adapters (+ norms); run it with `accelerate launch`.
 
-    accelerate launch --cpu --num_processes 2 stages/train_adapters.py --variant flexigpt
+    accelerate launch --config_file configs/accelerate_cpu_ddp.yaml stages/train_adapters.py --variant flexigpt
+
+``flexigpt`` starts from the svd_init artifact (pruned-and-rebuilt or extended, per ``mode``);
+``lora_baseline`` is ShortGPT+LoRA (prune mode) or base + rank-matched LoRA (extend mode).
 """
 import argparse
-import json
 import math
-from dataclasses import fields
+import os
 
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from flexigpt import compact
 from flexigpt.devices import resolve_dtype
@@ -17,19 +20,10 @@ from flexigpt.importance import mean_nll
 from flexigpt.model_import import load_plain
 from flexigpt.plan import Plan
 from flexigpt.stagekit import StageContext, is_main_process, log, stage_main
-from flexigpt.train import TrainSettings, train, validate
-from flexigpt.variants import build_variant, spec_for
+from flexigpt.train import settings_from_params, train, validate
+from flexigpt.variants import build_variant, mode, spec_for
 
-TRAINABLE = ("flexigpt", "shortgpt_lora")
-
-
-def settings(p) -> TrainSettings:
-    s = TrainSettings()
-    for f in fields(TrainSettings):
-        if f.name in p.section("train"):
-            setattr(s, f.name, p.get(f"train.{f.name}"))
-    s.seed = p.int("seed", min=0) if "seed" not in p.section("train") else p.int("train.seed", min=0)
-    return s
+TRAINABLE = ("flexigpt", "lora_baseline")
 
 
 def split(ctx: StageContext, name: str):
@@ -40,9 +34,9 @@ def split(ctx: StageContext, name: str):
 
 
 def load_model(ctx: StageContext, variant: str):
-    """FlexiGPT starts from the svd_init artifact; ShortGPT+LoRA is built from base + plan."""
+    """FlexiGPT starts from the svd_init artifact; the LoRA baseline is built from base (+ plan)."""
     base, tok = load_plain(ctx.path("base_model"))
-    plan = Plan.from_dict(json.loads((ctx.path("plan") / "plan.json").read_text()))
+    plan = Plan.load(ctx.path("plan")) if mode(ctx.params) == "prune" else None  # extension needs no plan
     if variant == "flexigpt":
         return compact.load(ctx.path("flexigpt_init")), base, tok
     return build_variant(base, variant, ctx.params, plan), base, tok
@@ -50,10 +44,12 @@ def load_model(ctx: StageContext, variant: str):
 
 def body(ctx: StageContext, variant: str) -> None:
     p = ctx.params
-    s = settings(p)
+    s = settings_from_params(p)
+    if mode(p) == "extend" or variant == "lora_baseline":  # validate the variant's params before loading weights
+        num_blocks = AutoConfig.from_pretrained(ctx.path("base_model")).num_hidden_layers
+        plan = Plan.load(ctx.path("plan")) if mode(p) == "prune" else None
+        spec_for("flexigpt" if mode(p) == "extend" else variant, p, plan, num_blocks)
     ids = split(ctx, "train")
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(s, ids.shape[0], ids.shape[1], world)  # fail fast, before loading any weights
     model, base, tok = load_model(ctx, variant)
@@ -79,9 +75,10 @@ def body(ctx: StageContext, variant: str) -> None:
                             progress=True))
     out = ctx.path("trained") / variant
     compact.save(model, out, tokenizer=tok)
-    metrics = {**res.to_dict(), "heldout_ppl": ppl, "variant": variant}
+    metrics = {**res.to_dict(), "heldout_ppl": ppl, "variant": variant, "mode": mode(p),
+               "trainable_params": sum(t.numel() for t in model.parameters() if t.requires_grad)}
     write_json(ctx.path("metrics_dir") / f"train_{variant}.json", metrics)
-    ctx.run.log_metrics({k: v for k, v in metrics.items() if k != "variant"})
+    ctx.run.log_metrics({k: v for k, v in metrics.items() if k not in ("variant", "mode")})
     ctx.run.log_artifact(curve)
     log.info("%s: final loss %.3f, heldout PPL %.2f, %.0f tok/s", variant, res.final_loss, ppl, res.tokens_per_s)
 

@@ -54,7 +54,7 @@ def test_plan_and_start_ppl(pipeline):
 
 def test_train_evaluate_compare(pipeline):
     tmp, p, _ = pipeline
-    for variant in ("flexigpt", "shortgpt_lora"):
+    for variant in ("flexigpt", "lora_baseline"):
         res = run_stage("train_adapters", p, tmp, timeout=900, args=["--variant", variant])
         assert res.returncode == 0, res.stderr[-4000:]
         m = json.loads((Path(p["paths"]["metrics_dir"]) / f"train_{variant}.json").read_text())
@@ -68,7 +68,7 @@ def test_train_evaluate_compare(pipeline):
     res = run_stage("compare", p, tmp, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     table = (Path(p["paths"]["reports"]) / "comparison.md").read_text()
-    for v in ("dense", "shortgpt", "shortgpt_lora", "flexigpt"):
+    for v in ("dense", "shortgpt", "lora_baseline", "flexigpt"):
         assert f"| {v} |" in table
     assert (Path(p["paths"]["plots_dir"]) / "comparison.png").stat().st_size > 1000
 
@@ -92,3 +92,36 @@ def test_bad_eval_inputs(pipeline):
     res = run_stage("evaluate", q, tmp, args=["--variant", "dense"])
     assert_clean_error(res, "data.dir")
     assert "arc_easy/test.jsonl" in res.stderr
+
+
+def test_extend_mode_end_to_end(pipeline):
+    """mode: extend on the real model: 30 -> 36 blocks, starts as the base, trains, evaluates, compares."""
+    import copy
+
+    tmp, p, _ = pipeline
+    q = copy.deepcopy(p)
+    q["mode"] = "extend"
+    ext = tmp / "extend"
+    for k in ("flexigpt_init", "svd_init_metrics", "trained", "checkpoints", "metrics_dir", "plots_dir", "eval",
+              "reports"):
+        q["paths"][k] = str(ext / Path(p["paths"][k]).name)
+    q["evaluate"]["variants"] = {"dense": p["paths"]["base_model"], "shortgpt": p["paths"]["plan"],
+                                 "lora_baseline": str(ext / "trained/lora_baseline"),
+                                 "flexigpt": str(ext / "trained/flexigpt")}
+    res = run_stage("svd_init", q, tmp, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    m = json.loads(Path(q["paths"]["svd_init_metrics"]).read_text())
+    assert (m["depth_before"], m["depth_after"]) == (30, 36)
+    assert abs(m["start_ppl_vs_dense"] - 1) < 0.01  # γ = 1e-3 and zero adapters: starts as the base model
+    for variant in ("flexigpt", "lora_baseline"):
+        res = run_stage("train_adapters", q, tmp, timeout=900, args=["--variant", variant])
+        assert res.returncode == 0, (variant, res.stderr[-4000:])
+    for variant in q["evaluate"]["variants"]:
+        res = run_stage("evaluate", q, tmp, timeout=900, args=["--variant", variant])
+        assert res.returncode == 0, (variant, res.stderr[-4000:])
+    assert json.loads((ext / "metrics/eval/shortgpt.json").read_text())["applicable"] is False
+    assert json.loads((ext / "metrics/eval/flexigpt.json").read_text())["cost"]["block_executions"] == 36
+    res = run_stage("compare", q, tmp, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    table = (ext / "reports/comparison.md").read_text()
+    assert "FlexiGPT extended" in table and "base+LoRA (matched params)" in table and "| shortgpt |" not in table

@@ -65,7 +65,7 @@ def test_only_adapters_and_norms_require_grad():
     assert extra == {f"model.layers.{i}.{k}.weight" for i in (2, 4) for k in ("input_layernorm", "post_attention_layernorm")}
 
 
-def test_shortgpt_lora_trains_only_lora():
+def test_lora_baseline_trains_only_lora():
     m = fm.build(make_tiny_llama(), fm.shortgpt_spec(6, [2, 4], fm.LoraSettings(rank=4)))
     res = train(m, data(), settings(token_budget=8 * 32 * 2))
     assert res.steps == 2
@@ -192,3 +192,25 @@ def test_ddp_two_processes_matches_one(tmp_path):
     for x, y in zip(h1, h2):
         assert abs(x - y) < 1e-4, (h1, h2)
     assert h1[-1] < h1[0]
+
+
+def test_settings_from_params_reads_train_group_and_seed():
+    from flexigpt.config import Params
+    from flexigpt.train import settings_from_params
+
+    s = settings_from_params(Params({"seed": 3, "train": {"lr": 0.01, "norm_lr_mult": 10.0, "token_budget": 4096}}))
+    assert (s.lr, s.norm_lr_mult, s.token_budget, s.seed) == (0.01, 10.0, 4096, 3)
+    assert settings_from_params(Params({"seed": 3, "train": {"seed": 7}})).seed == 7
+    with pytest.raises(FlexiError) as e:
+        settings_from_params(Params({"seed": -1, "train": {}}))
+    assert e.value.param == "seed"
+
+
+def test_norm_lr_multiplier_reaches_gamma():
+    from flexigpt.train import make_optimizer, select_trainable
+
+    m = flexi()
+    lora, norms = select_trainable(m, settings(norm_lr_mult=10.0))
+    opt = make_optimizer(lora, norms, settings(norm_lr_mult=10.0))
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert {lrs[id(p)] for _, p in norms} == {0.1} and {lrs[id(p)] for _, p in lora} == {0.01}
