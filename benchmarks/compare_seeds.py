@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness import ROOT, mean_std, params_for, run_cell
+from harness import ROOT, emit, mean_std, params_for, run_cell
 
 OUT = ROOT / "benchmarks" / "results" / "recipes"
 EVALS = {"val", "heldout", "wt2", "tasks", "cost"}
@@ -46,10 +46,7 @@ def main() -> None:
                  f"(mean ± std); untrained rows are seed-independent (n = 1). Tasks: arc_easy, arc_challenge, piqa, "
                  f"winogrande, hellaswag, first {p.get('evaluate.limit')} docs each (stderr ≈ 7 points per task). "
                  "Latency: forward of 1 x 512 tokens vs dense.")
-    table = "\n".join(lines)
-    print(table)
-    if a.write:
-        a.write.write_text(table + "\n")
+    emit(lines, a.write)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ def cell_key(variant: str, p: Params, seed: int) -> str:
         eff.pop("extend", None)
     if variant in ("dense",):
         seed = 0  # nothing random
-    plan_sha = hashlib.sha256((ROOT / "artifacts" / "plan" / "plan.json").read_bytes()).hexdigest()
+    plan = json.loads((ROOT / "artifacts" / "plan" / "plan.json").read_text())
+    decision = {k: plan[k] for k in ("pruned", "base", "layer_map")}  # not the float distances
+    plan_sha = hashlib.sha256(json.dumps(decision, sort_keys=True).encode()).hexdigest()
     blob = json.dumps({"variant": variant, "params": eff, "seed": seed, "plan": plan_sha}, sort_keys=True)
     return f"{variant}-s{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -155,3 +157,11 @@ def mean_std(xs: list[float]) -> str:
     if len(xs) == 1:
         return f"{xs[0]:.2f}"
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
+def emit(lines: list[str], write: Path | None) -> None:
+    """Print a markdown table (and write it to ``write`` when given)."""
+    table = "\n".join(lines)
+    print(table)
+    if write:
+        write.write_text(table + "\n")

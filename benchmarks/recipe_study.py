@@ -16,7 +16,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from harness import ROOT, mean_std, params_for, run_cell
+from harness import ROOT, emit, mean_std, params_for, run_cell
 
 OUT = ROOT / "benchmarks" / "results" / "recipes"
 # Each recipe is a set of params overrides on top of params.yaml; "paper" is the paper's reading:

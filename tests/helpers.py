@@ -60,6 +60,18 @@ def base_params(tmp: Path, model_source: str = "smollm2-135m") -> dict:
     return p
 
 
+def tiny_project_params(tmp: Path, model_dir: Path, train_tokens: int = 64) -> dict:
+    """Params for a tiny project: base model = ``model_dir``, a small text corpus under ``tmp/data``."""
+    p = base_params(tmp, str(model_dir))
+    p["paths"]["base_model"] = str(model_dir)
+    data = tmp / "data"
+    write_jsonl(data / "calibration" / "calib_text.jsonl", corpus(120))
+    write_jsonl(data / "wikitext2" / "test.jsonl", corpus(40, seed=7))
+    p["calibration"].update(seq_len=16, n_sequences=4, train_tokens=train_tokens)
+    p["heldout"]["n_sequences"] = 2
+    return p
+
+
 def run_stage(name: str, params: dict, tmp: Path, timeout: int = 600, mlflow_db: Path | None = None,
               args: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run ``stages/<name>.py`` as DVC would, with params from ``params`` and MLflow under ``tmp``."""

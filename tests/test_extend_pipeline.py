@@ -12,7 +12,7 @@ from flexigpt import flexi_model as fm
 from flexigpt.config import Params
 from flexigpt.errors import FlexiError
 from flexigpt.variants import applicable, build_variant, matched_rank, spec_for, with_overrides
-from helpers import assert_clean_error, base_params, corpus, run_stage, save_tiny_model_dir, write_jsonl
+from helpers import assert_clean_error, run_stage, save_tiny_model_dir, tiny_project_params
 
 EXT = {"mode": "extend", "extend": {"start": 1, "end": 3, "pattern": "block", "repeats": 2, "target_depth": None}}
 
@@ -53,14 +53,8 @@ def tiny_project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("extend")
     os.environ["FLEXIGPT_TEST_MLFLOW_DB"] = str(tmp / "mlflow.db")
     model_dir = save_tiny_model_dir(tmp / "base_model", make_tiny_llama(vocab=128))
-    p = base_params(tmp, str(model_dir))
+    p = tiny_project_params(tmp, model_dir, train_tokens=128)
     p.update(copy.deepcopy(EXT))
-    p["paths"]["base_model"] = str(model_dir)
-    data = tmp / "data"
-    write_jsonl(data / "calibration" / "calib_text.jsonl", corpus(120))
-    write_jsonl(data / "wikitext2" / "test.jsonl", corpus(40, seed=7))
-    p["calibration"].update(seq_len=16, n_sequences=4, train_tokens=128)
-    p["heldout"]["n_sequences"] = 2
     p["adapters"]["rank"] = 4
     p["train"].update(batch_size=4, micro_batch=2, token_budget=4 * 16 * 2, warmup_steps=1)
     p["svd_init"]["batch_size"] = 2

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from helpers import assert_clean_error, base_params, corpus, run_stage, save_tiny_model_dir, write_jsonl
+from helpers import assert_clean_error, corpus, run_stage, save_tiny_model_dir, tiny_project_params, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +18,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture
 def proj(tmp_path, tiny_dir):
     """Tiny data dir, and params whose base model is the tiny saved folder."""
-    p = base_params(tmp_path, str(tiny_dir))
-    p["paths"]["base_model"] = str(tiny_dir)
-    data = tmp_path / "data"
-    write_jsonl(data / "calibration" / "calib_text.jsonl", corpus(120))
-    write_jsonl(data / "wikitext2" / "test.jsonl", corpus(40, seed=7))
-    p["calibration"].update(seq_len=16, n_sequences=4, train_tokens=64)
-    p["heldout"]["n_sequences"] = 2
-    return tmp_path, p
+    return tmp_path, tiny_project_params(tmp_path, tiny_dir)
 
 
 def test_happy_path_tiny(proj):
