@@ -56,8 +56,10 @@ def to_markdown(df: pd.DataFrame, protocols: dict[str, str]) -> str:
     show = [c for c in df.columns if not c.endswith("_stderr")]
     fmt = df[show].copy()
     for c in show:
-        if c in ("stored_params", "flops_per_token", "block_executions", "trainable_params"):
-            fmt[c] = fmt[c].map(lambda v: f"{v / 1e6:.1f}M" if c != "block_executions" and pd.notna(v) else v)
+        if c in ("stored_params", "flops_per_token", "trainable_params"):
+            fmt[c] = fmt[c].map(lambda v: f"{v / 1e6:.1f}M" if pd.notna(v) else "")
+        elif c in ("block_executions", "train_tokens", "train_s"):
+            fmt[c] = fmt[c].map(lambda v: f"{v:.0f}" if pd.notna(v) else "")
         elif fmt[c].dtype.kind == "f":
             fmt[c] = fmt[c].map(lambda v: f"{v:.2f}" if pd.notna(v) else "")
     head = "| variant | " + " | ".join(show) + " |\n|---|" + "---|" * len(show) + "\n"
