@@ -132,6 +132,38 @@ def part_b_smollm(svd_methods: list[str]) -> None:
                   f"{'ok' if total < 10 else 'MISSED'}; bases {bases}")
 
 
+def part_b_floor(n_problems: int = 945, n_factors: int = 150, r: int = 256, d: int = 576) -> None:
+    """Lower bound of exact base selection at rank r on 2 cores: the dense kernels it cannot avoid,
+    timed single-threaded (float64) and spread over the cores. Defaults: SmolLM2 at r = 256."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(4, 2 * r, 2 * r, dtype=torch.float64)
+        sym = a @ a.mT + 2 * r * torch.eye(2 * r, dtype=torch.float64)
+        g = torch.randn(d, d, dtype=torch.float64)
+        g = g @ g.mT
+
+        def per_call(f, n: int) -> float:
+            f()
+            t = time.perf_counter()
+            for _ in range(3):
+                f()
+            return (time.perf_counter() - t) / 3 / n
+
+        eig = per_call(lambda: torch.linalg.eigvalsh(sym), 4)
+        chol_gemm = per_call(lambda: torch.linalg.cholesky(sym).mT @ sym @ torch.linalg.cholesky(sym), 4)
+        fac = per_call(lambda: torch.linalg.eigh(g), 1)
+    finally:
+        torch.set_num_threads(threads)
+    cores = os.cpu_count() or 1
+    parts = {"eigenvalues": eig * n_problems, "Cholesky + GEMM": chol_gemm * n_problems, "factors": fac * n_factors}
+    print(f"\n(b-floor) exact r = {r}: {n_problems} eigenproblems of {2 * r} + {n_factors} Gram eigh of {d}, "
+          f"single-threaded float64 kernels over {cores} cores: "
+          + ", ".join(f"{k} {v / cores:.1f} s" for k, v in parts.items())
+          + f"; total floor {sum(parts.values()) / cores:.1f} s")
+
+
 def part_b_7b(rank: int, svd_methods: list[str]) -> None:
     print(f"\n(b') synthetic LLaMA-2-7B block pair at r = {rank}: 4 x (4096x4096), 2 x (11008x4096), "
           f"1 x (4096x11008), random; load avg {load_avg()}")
@@ -258,6 +290,7 @@ def main() -> None:
         part_a(args.batch, args.seq, args.repeats, dtypes)
     if "b" in parts:
         part_b_smollm(args.svd.split(","))
+        part_b_floor()
     if "b7" in parts:
         part_b_7b(256, args.svd_7b.split(","))
     if "c" in parts:
