@@ -3,8 +3,9 @@
 (a) BI scoring throughput vs a plain forward pass of the same backbone on the same tokens and batch
     (hooks + cosine maths overhead, target <= 10 %), per compute dtype.
 (b) Base selection (Eqs. 2-5) on SmolLM2: all pruned x unpruned pairs at r = 32 and r = 256
-    (target < 10 s on 2 cores), split into the per-weight truncated SVDs and the pair computations;
-    then one synthetic LLaMA-2-7B block pair (4096x4096 x4, 11008x4096 x2, 4096x11008 x1, random),
+    (target < 10 s on 2 cores), split into the per-weight truncated SVDs and the pair computations,
+    for each ``prune.precision`` (float32 is compared with float64: deviation, same bases?); the
+    floor of the exact method's kernels (b-floor); then one synthetic LLaMA-2-7B block pair (4096x4096 x4, 11008x4096 x2, 4096x11008 x1, random),
     extrapolated to 32 blocks' SVDs + 10 x 22 = 220 pair computations.
 (c) Peak memory of scoring, measured in a child process from the kernel's RSS high-water mark
     (VmHWM, reset after the model is loaded), against model bytes + 3 x one batch of activations
@@ -101,17 +102,17 @@ def pruned_set(L: int) -> tuple[list[int], str]:
     return sorted({round(k * (L - 1) / (n - 1)) for k in range(n)}), "evenly spaced (no importance.json yet)"
 
 
-def time_factors(adapter, blocks: list[int], rank: int, svd: str) -> float:
+def time_factors(adapter, blocks: list[int], rank: int, svd: str, precision: str = "float64") -> float:
     t = time.perf_counter()
     for b in blocks:
         for k, w in adapter.weights(b).items():
             r = min(rank, *w.shape)
             if r < min(w.shape):  # clamped matrices are skipped by distance_table too
-                pl.truncated_svd(w.detach(), r, svd)
+                pl.truncated_svd(w.detach(), r, svd, pl.PRECISIONS[precision])
     return time.perf_counter() - t
 
 
-def part_b_smollm(svd_methods: list[str]) -> None:
+def part_b_smollm(svd_methods: list[str], precisions: list[str]) -> None:
     model = load_model()
     a = get_adapter(model)
     L = a.num_blocks
@@ -119,52 +120,67 @@ def part_b_smollm(svd_methods: list[str]) -> None:
     n_pairs = len(pruned) * (L - len(pruned))
     print(f"\n(b) base selection on SmolLM2: {len(pruned)} pruned {pruned} ({how}) x {L - len(pruned)} unpruned "
           f"= {n_pairs} pairs x 7 matrices; load avg {load_avg()}")
-    print(f"{'rank':>5} {'svd':<7}{'total s':>9}{'SVDs s':>9}{'pairs s':>9}  target < 10 s "
-          "(SVDs timed separately; pairs = total - SVDs)")
+    print(f"{'rank':>5} {'svd':<7}{'precision':<10}{'total s':>9}{'SVDs s':>9}{'pairs s':>9}  target < 10 s "
+          "(SVDs timed separately; pairs = total - SVDs); deviation = max |d / d_float64 - 1| over all pairs")
     for rank in (32, 256):
         for svd in svd_methods:
-            t_fac = time_factors(a, list(range(L)), rank, svd)
-            t = time.perf_counter()
-            table, _ = pl.distance_table(a, pruned, rank=rank, svd=svd, progress=False)
-            total = time.perf_counter() - t
-            bases = pl.choose_bases(table)
-            print(f"{rank:>5} {svd:<7}{total:>9.2f}{t_fac:>9.2f}{max(total - t_fac, 0):>9.2f}  "
-                  f"{'ok' if total < 10 else 'MISSED'}; bases {bases}")
+            ref = None
+            for prec in precisions:
+                t_fac = time_factors(a, list(range(L)), rank, svd, prec)
+                t = time.perf_counter()
+                table, _ = pl.distance_table(a, pruned, rank=rank, svd=svd, progress=False, precision=prec)
+                total = time.perf_counter() - t
+                bases = pl.choose_bases(table)
+                if prec == "float64":
+                    ref = (table, bases)
+                    cmp = ""
+                elif ref is not None:
+                    dev = max(abs(table[i][j] / ref[0][i][j] - 1) for i in table for j in table[i])
+                    cmp = f"; deviation {dev:.1e}, bases {'same as' if bases == ref[1] else 'DIFFER from'} float64"
+                else:
+                    cmp = ""
+                print(f"{rank:>5} {svd:<7}{prec:<10}{total:>9.2f}{t_fac:>9.2f}{max(total - t_fac, 0):>9.2f}  "
+                      f"{'ok' if total < 10 else 'MISSED'}; bases {bases}{cmp}")
 
 
 def part_b_floor(n_problems: int = 945, n_factors: int = 150, r: int = 256, d: int = 576) -> None:
-    """Lower bound of exact base selection at rank r on 2 cores: the dense kernels it cannot avoid,
-    timed single-threaded (float64) and spread over the cores. Defaults: SmolLM2 at r = 256."""
+    """Floor of exact base selection at rank r on 2 cores: the dense kernels it cannot avoid, timed
+    single-threaded and spread over the cores, per precision. Defaults: SmolLM2 at r = 256.
+    Kernels: the 2r x 2r eigenvalue problem, its assembly (r x r Cholesky + six r x r products, see
+    plan._core_orthonormal) and one Gram eigendecomposition (d x d) per truncated SVD."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    cores = os.cpu_count() or 1
     try:
-        a = torch.randn(4, 2 * r, 2 * r, dtype=torch.float64)
-        sym = a @ a.mT + 2 * r * torch.eye(2 * r, dtype=torch.float64)
-        g = torch.randn(d, d, dtype=torch.float64)
-        g = g @ g.mT
+        for prec in (torch.float64, torch.float32):
+            a = torch.randn(4, 2 * r, 2 * r, dtype=prec)
+            sym = a @ a.mT + 2 * r * torch.eye(2 * r, dtype=prec)
+            blk = torch.randn(4, r, r, dtype=prec)
+            c = 0.5 * torch.linalg.qr(torch.randn(4, r, r, dtype=prec)).Q
+            g = torch.randn(d, d, dtype=prec)
+            g = g @ g.mT
 
-        def per_call(f, n: int) -> float:
-            f()
-            t = time.perf_counter()
-            for _ in range(3):
+            def per_call(f, n: int) -> float:
                 f()
-            return (time.perf_counter() - t) / 3 / n
+                t = time.perf_counter()
+                for _ in range(3):
+                    f()
+                return (time.perf_counter() - t) / 3 / n
 
-        eig = per_call(lambda: torch.linalg.eigvalsh(sym), 4)
-        chol_gemm = per_call(lambda: torch.linalg.cholesky(sym).mT @ sym @ torch.linalg.cholesky(sym), 4)
-        fac = per_call(lambda: torch.linalg.eigh(g), 1)
+            eig = per_call(lambda: torch.linalg.eigvalsh(sym), 4)
+            core = per_call(lambda: pl._core_orthonormal(blk @ blk.mT, blk.mT @ blk, blk, c), 4)
+            fac = per_call(lambda: torch.linalg.eigh(g), 1)
+            parts = {"eigenvalues": eig * n_problems, "assembly": core * n_problems, "factors": fac * n_factors}
+            print(f"\n(b-floor) exact r = {r}, {str(prec).replace('torch.', '')}: {n_problems} eigenproblems of "
+                  f"{2 * r} + {n_factors} Gram eigh of {d}, single-threaded kernels over {cores} cores: "
+                  + ", ".join(f"{k} {v / cores:.1f} s" for k, v in parts.items())
+                  + f"; total floor {sum(parts.values()) / cores:.1f} s (without the r x d cross products)")
     finally:
         torch.set_num_threads(threads)
-    cores = os.cpu_count() or 1
-    parts = {"eigenvalues": eig * n_problems, "Cholesky + GEMM": chol_gemm * n_problems, "factors": fac * n_factors}
-    print(f"\n(b-floor) exact r = {r}: {n_problems} eigenproblems of {2 * r} + {n_factors} Gram eigh of {d}, "
-          f"single-threaded float64 kernels over {cores} cores: "
-          + ", ".join(f"{k} {v / cores:.1f} s" for k, v in parts.items())
-          + f"; total floor {sum(parts.values()) / cores:.1f} s")
 
 
-def part_b_7b(rank: int, svd_methods: list[str]) -> None:
+def part_b_7b(rank: int, svd_methods: list[str], precisions: list[str]) -> None:
     print(f"\n(b') synthetic LLaMA-2-7B block pair at r = {rank}: 4 x (4096x4096), 2 x (11008x4096), "
           f"1 x (4096x11008), random; load avg {load_avg()}")
     g = torch.Generator().manual_seed(0)
@@ -184,20 +200,24 @@ def part_b_7b(rank: int, svd_methods: list[str]) -> None:
         block_svd = 4 * per["square"] + 3 * per["rect"]
         rows.append((svd, per, block_svd))
     # one pair = the 7 closed-form residuals (factor method does not matter for this part)
-    t_pair = 0.0
-    for name, shape in shapes.items():
-        m, n = shape
-        fi = (torch.randn(m, rank, generator=g), torch.linalg.qr(torch.randn(n, rank, generator=g))[0])
-        fj = (torch.randn(m, rank, generator=g), torch.linalg.qr(torch.randn(n, rank, generator=g))[0])
-        t = time.perf_counter()
-        pl.lowrank_residual(*fi, *fj, rank)
-        t_pair += time.perf_counter() - t
-    print(f"one pair (7 closed-form residuals, 2r = {2 * rank}): {t_pair:.2f} s")
+    pair = {}
+    for prec in precisions:
+        t_pair = 0.0
+        for name, shape in shapes.items():
+            m, n = shape
+            fi = (torch.randn(m, rank, generator=g), torch.linalg.qr(torch.randn(n, rank, generator=g))[0])
+            fj = (torch.randn(m, rank, generator=g), torch.linalg.qr(torch.randn(n, rank, generator=g))[0])
+            t = time.perf_counter()
+            pl.lowrank_residual(*fi, *fj, rank, precision=pl.PRECISIONS[prec])
+            t_pair += time.perf_counter() - t
+        pair[prec] = t_pair
+        print(f"one pair (7 closed-form residuals, 2r = {2 * rank}, {prec}): {t_pair:.2f} s")
     for svd, per, block_svd in rows:
-        total = 32 * block_svd + 220 * t_pair
-        print(f"svd={svd:<10} one 4096x4096: {per['square']:.2f} s, one 11008x4096: {per['rect']:.2f} s "
-              f"-> one block {block_svd:.1f} s; extrapolated 32 x {block_svd:.1f} + 220 x {t_pair:.2f} "
-              f"= {total:.0f} s ({total / 60:.1f} min)")
+        for prec, t_pair in pair.items():
+            total = 32 * block_svd + 220 * t_pair
+            print(f"svd={svd:<10} pairs in {prec}: one 4096x4096: {per['square']:.2f} s, one 11008x4096: "
+                  f"{per['rect']:.2f} s -> one block {block_svd:.1f} s; extrapolated 32 x {block_svd:.1f} + "
+                  f"220 x {t_pair:.2f} = {total:.0f} s ({total / 60:.1f} min)")
 
 
 # -- (c) memory ---------------------------------------------------------------------------------------------
@@ -275,6 +295,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--svd", default="gram,exact", help="factor methods for part b")
+    ap.add_argument("--precision", default="float64,float32", help="prune.precision values for part b (float64 first: "
+                    "the others are compared with it)")
     ap.add_argument("--svd-7b", default="gram,randomized", help="factor methods for the 7B extrapolation")
     ap.add_argument("--batch-counts", default="1,3", help="part c: numbers of batches to stream")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -289,10 +311,10 @@ def main() -> None:
     if "a" in parts:
         part_a(args.batch, args.seq, args.repeats, dtypes)
     if "b" in parts:
-        part_b_smollm(args.svd.split(","))
+        part_b_smollm(args.svd.split(","), args.precision.split(","))
         part_b_floor()
     if "b7" in parts:
-        part_b_7b(256, args.svd_7b.split(","))
+        part_b_7b(256, args.svd_7b.split(","), args.precision.split(","))
     if "c" in parts:
         part_c(args.batch, args.seq, dtypes, [int(x) for x in args.batch_counts.split(",")])
 

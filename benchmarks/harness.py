@@ -71,9 +71,7 @@ def cell_key(variant: str, p: Params, seed: int) -> str:
 
 
 def params_for(overrides: dict[str, Any]) -> Params:
-    from flexigpt.variants import with_overrides
-
-    return with_overrides(Params.load(ROOT / "params.yaml"), overrides)
+    return Params.load(ROOT / "params.yaml").with_overrides(overrides)
 
 
 def _trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

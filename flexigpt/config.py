@@ -6,6 +6,7 @@ and the fix, before any heavy work starts.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,17 @@ class Params:
         if not isinstance(data, dict):
             raise FlexiError("params.yaml", "top level must be a mapping", "use `key: value` groups")
         return cls(data, p)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Params":
+        """A copy with dotted keys replaced (``{"train.lr": 1e-3}``), as ``dvc exp run -S`` does."""
+        data = copy.deepcopy(self.data)
+        for key, value in overrides.items():
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return Params(data, self.path)
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
         node: Any = self.data

@@ -12,13 +12,17 @@ per weight matrix ``W`` (out x in) with rank-``r`` truncations ``Ŵ = U_r S_r V_
                 = sqrt( sum_{k > r} σ_k(D)² )
 
 computed in closed form from thin factors: with ``P = [U_i S_i, -U_j S_j]`` (m x 2r) and
-``Q = [V_i, V_j]`` (n x 2r) we have ``D = P Qᵀ``; if ``P = Q_1 R_1`` and ``Q = Q_2 R_2`` then ``D``
-and the small core ``R_1 R_2ᵀ`` have the same singular values. Each weight's truncated SVD is
-taken once (``prune.svd``); no full-size difference is ever decomposed for this metric. The R
-factor is taken as the Cholesky factor of the 2r x 2r Gram ``PᵀP`` in float64 (the same R as a
-Householder QR up to signs, built from r x r products of the factors), and ``σ(D)²`` are the
-eigenvalues of ``R_1 (QᵀQ) R_1ᵀ``; singular Grams (2r > m) fall back to Householder QR.
+``Q = [V_i, V_j]`` (n x 2r) we have ``D = P Qᵀ``; for any ``L`` with ``QᵀQ = L Lᵀ``, ``D`` and
+``P L`` have the same singular values, so ``σ(D)² = eig(Lᵀ (PᵀP) L)``, a 2r x 2r symmetric problem
+assembled from r x r products of the factors. Each weight's truncated SVD is taken once
+(``prune.svd``); no full-size difference is ever decomposed for this metric. When both ``V`` have
+orthonormal columns (as the truncated SVDs here give), ``L = [[I, 0], [Cᵀ, chol(I - CᵀC)]]`` with
+``C = V_iᵀV_j`` needs only an r x r Cholesky; otherwise (or where ``I - CᵀC`` is singular) ``L``
+is the Cholesky factor of the full 2r x 2r Gram, and Householder QR where that is singular too.
 Matrices of one candidate are compared with all pruned blocks in one batched call.
+``prune.precision`` sets the dtype of the Grams and eigenproblems: float64 (default) or float32
+(about 2x faster on CPU and the natural choice on GPUs; ``benchmarks/bench_importance.py`` reports
+its deviation from float64 and whether the chosen bases change).
 
 Per-matrix distances are combined into one block distance by ``aggregate``:
 
@@ -64,6 +68,8 @@ log = logging.getLogger(__name__)
 METRICS = ("lowrank", "no_truncation", "frobenius", "nearest")
 AGGREGATES = ("sum_sq", "sum", "mean_rel")
 SVD_METHODS = ("gram", "exact", "randomized")
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+ORTHONORMAL_TOL = 1e-5      # max |VᵀV - I| for the r x r Cholesky path of lowrank_residual
 RANDOMIZED_OVERSAMPLE = 16  # extra sketch columns for svd="randomized"
 RANDOMIZED_NITER = 4        # power iterations for svd="randomized"
 T = TypeVar("T")
@@ -173,10 +179,11 @@ def _work_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
-def truncated_svd(w: torch.Tensor, r: int, method: str = "gram") -> tuple[torch.Tensor, torch.Tensor]:
+def truncated_svd(w: torch.Tensor, r: int, method: str = "gram", precision: torch.dtype = torch.float64
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Thin factors ``(U_r S_r, V_r)`` of ``w`` (m x n), so that ``Ŵ = (U_r S_r) V_rᵀ``.
 
-    * ``gram`` (default): float64 eigendecomposition of the smaller Gram matrix (``WᵀW`` when
+    * ``gram`` (default): eigendecomposition (in ``precision``) of the smaller Gram matrix (``WᵀW`` when
       m >= n, else ``WWᵀ``); the same factors as the SVD up to rounding, about 2x faster on CPU than
       LAPACK's float32 SVD for these shapes. ``σ = sqrt(λ)``, and the other side is ``W V_r``
       (or ``Wᵀ U_r / σ``).
@@ -192,86 +199,122 @@ def truncated_svd(w: torch.Tensor, r: int, method: str = "gram") -> tuple[torch.
         u, s, v = torch.svd_lowrank(w, q=r + RANDOMIZED_OVERSAMPLE, niter=RANDOMIZED_NITER)
         return u[:, :r] * s[:r], v[:, :r]
     if method == "gram":
-        w64 = w.double()
+        w64 = w.to(precision)
         if m >= n:
             lam, vecs = torch.linalg.eigh(w64.mT @ w64)        # ascending
             v = vecs[:, -r:].flip(-1)
             return (w64 @ v).to(dt), v.to(dt)
         lam, vecs = torch.linalg.eigh(w64 @ w64.mT)
         u, s = vecs[:, -r:].flip(-1), lam[-r:].flip(-1).clamp_min(0).sqrt()
-        v = (w64.mT @ u) / s.clamp_min(torch.finfo(torch.float64).tiny)
+        v = (w64.mT @ u) / s.clamp_min(torch.finfo(precision).tiny)
         return (u * s).to(dt), v.to(dt)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[:, :r] * s[:r], vh[:r].mT
 
 
-def _tail_energy(core: torch.Tensor, r: int) -> torch.Tensor:
-    """``sum_{k>r} σ_k(core)²`` from the eigenvalues of ``core coreᵀ`` (float64, ascending)."""
-    c = core.double()
+def _tail_energy(core: torch.Tensor, r: int, precision: torch.dtype = torch.float64) -> torch.Tensor:
+    """``sum_{k>r} σ_k(core)²`` from the eigenvalues of ``core coreᵀ`` (in ``precision``, ascending)."""
+    c = core.to(precision)
     g = c @ c.mT if c.shape[-2] <= c.shape[-1] else c.mT @ c
     lam = torch.linalg.eigvalsh(g).clamp_min(0)
     k = lam.shape[-1] - r  # all but the r largest
     return lam[..., :max(k, 0)].sum(-1)
 
 
-def self_grams(us: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(usᵀus, vᵀv)`` in float64: the diagonal blocks of the Grams in :func:`lowrank_residual`."""
-    return (us.mT @ us).double(), (v.mT @ v).double()
+def self_grams(us: torch.Tensor, v: torch.Tensor, precision: torch.dtype = torch.float64
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(usᵀus, vᵀv)`` in ``precision``: the diagonal blocks of the Grams in :func:`lowrank_residual`."""
+    return (us.mT @ us).to(precision), (v.mT @ v).to(precision)
+
+
+def _is_orthonormal(gram: torch.Tensor) -> bool:
+    """Whether ``gram = VᵀV`` is the identity within ``ORTHONORMAL_TOL`` (every batch element)."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return bool((gram - eye).abs().amax() <= ORTHONORMAL_TOL)
+
+
+def _core_orthonormal(a: torch.Tensor, e: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Lᵀ [[a, b], [bᵀ, e]] L`` for ``L = [[I, 0], [cᵀ, l]]``, ``l lᵀ = I - cᵀc``, and the failure mask.
+
+    ``L Lᵀ = [[I, c], [cᵀ, I]]``, the Gram of ``[V_i, V_j]`` with orthonormal ``V`` and ``c = V_iᵀV_j``.
+    With ``m = b + c e`` the product is ``[[a + m cᵀ + c bᵀ, m l], [lᵀ mᵀ, lᵀ e l]]``: six r x r
+    products instead of two 2r x 2r ones. ``I - cᵀc`` is singular when the two column spaces share a
+    direction; those elements are flagged for the general path.
+    """
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+    l, info = torch.linalg.cholesky_ex(eye - c.mT @ c)
+    m = b + c @ e
+    top = torch.cat([a + m @ c.mT + c @ b.mT, m @ l], -1)
+    bottom = torch.cat([l.mT @ m.mT, l.mT @ e @ l], -1)
+    return torch.cat([top, bottom], -2), info != 0
 
 
 def lowrank_residual(us_i: torch.Tensor, v_i: torch.Tensor, us_j: torch.Tensor, v_j: torch.Tensor, r: int,
                      grams_i: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     grams_j: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     grams_j: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     precision: torch.dtype = torch.float64) -> torch.Tensor:
     """Closed-form Eq. 2: ``||D - SVD_r(D)||_F`` for ``D = us_i v_iᵀ - us_j v_jᵀ`` (rank <= 2r).
 
-    With ``P = [us_i, -us_j]`` (m x 2r) and ``Q = [v_i, v_j]`` (n x 2r), ``D = P Qᵀ``. Take the R factor
-    of ``P = Q_P R_P``; then ``σ(D)² = eig(R_P (QᵀQ) R_Pᵀ)``, a 2r x 2r symmetric problem, and
-    ``d² = sum_{k>r} σ_k²``. ``R_P`` comes from the Cholesky factor of the 2r x 2r Gram ``PᵀP``
-    (float64; the same R as Householder QR up to signs, but GEMM-fast). The Grams are assembled
-    from the per-block ``self_grams`` (pass them to reuse them across pairs) and the r x r cross
-    terms. Where ``PᵀP`` is singular (e.g. 2r > m) the roles of P and Q are swapped, and where both
-    are, Householder QR of both stacked factors is used. Leading batch dimensions broadcast
-    (a stack of pruned blocks against one candidate).
+    With ``P = [us_i, -us_j]`` (m x 2r) and ``Q = [v_i, v_j]`` (n x 2r), ``D = P Qᵀ``; for ``QᵀQ = L Lᵀ``,
+    ``σ(D)² = eig(Lᵀ (PᵀP) L)``, a 2r x 2r symmetric problem, and ``d² = sum_{k>r} σ_k²``. Orthonormal
+    ``v`` (``vᵀv = I``) take :func:`_core_orthonormal` (an r x r Cholesky); otherwise ``L`` is the
+    Cholesky factor of the 2r x 2r ``QᵀQ`` (or of ``PᵀP`` with the roles swapped), and Householder QR
+    of both stacked factors where both Grams are singular. The Grams are assembled from the
+    per-block ``self_grams`` (pass them to reuse them across pairs) and the r x r cross terms, all in
+    ``precision``. Leading batch dimensions broadcast (a stack of pruned blocks against one candidate).
     """
-    gi = grams_i if grams_i is not None else self_grams(us_i, v_i)
-    gj = grams_j if grams_j is not None else self_grams(us_j, v_j)
     shape = torch.broadcast_shapes(us_i.shape[:-2], us_j.shape[:-2])
-    cross_u = (us_i.mT @ us_j).double()                 # us_iᵀ us_j
-    cross_v = (v_i.mT @ v_j).double()
+    if not shape:                                       # one pair: run it as a batch of one
+        return lowrank_residual(us_i[None], v_i[None], us_j, v_j, r,
+                                None if grams_i is None else (grams_i[0][None], grams_i[1][None]),
+                                grams_j, precision)[0]
+    gi = grams_i if grams_i is not None else self_grams(us_i, v_i, precision)
+    gj = grams_j if grams_j is not None else self_grams(us_j, v_j, precision)
+    cross_u = (us_i.mT @ us_j).to(precision)           # us_iᵀ us_j
+    cross_v = (v_i.mT @ v_j).to(precision)             # v_iᵀ v_j
 
     def block(a, b, c, d):                              # [[a, b], [c, d]] with broadcasting
         a, b, c, d = (x.expand(*shape, *x.shape[-2:]) for x in (a, b, c, d))
         return torch.cat([torch.cat([a, b], -1), torch.cat([c, d], -1)], -2)
 
-    gp = block(gi[0], -cross_u, -cross_u.mT, gj[0])    # PᵀP
-    gq = block(gi[1], cross_v, cross_v.mT, gj[1])       # QᵀQ
-    lp, info_p = torch.linalg.cholesky_ex(gp)           # PᵀP = lp lpᵀ, R_P = lpᵀ
-    sym = lp.mT @ gq @ lp
-    swap = info_p != 0
-    if swap.any():
-        lq, info_q = torch.linalg.cholesky_ex(gq[swap])
-        sym = sym.clone()
-        sym[swap] = lq.mT @ gp[swap] @ lq
-        swap_ok = torch.zeros_like(swap)
-        swap_ok[swap] = info_q == 0
-        use_qr = swap & ~swap_ok
+    def expand(x: torch.Tensor) -> torch.Tensor:
+        return x.expand(*shape, *x.shape[-2:])
+
+    if _is_orthonormal(gi[1]) and _is_orthonormal(gj[1]):
+        sym, todo = _core_orthonormal(expand(gi[0]), expand(gj[0]), expand(-cross_u), expand(cross_v))
     else:
-        use_qr = swap
+        n2 = gi[0].shape[-1] + gj[0].shape[-1]
+        sym = torch.empty(*shape, n2, n2, dtype=precision, device=us_i.device)
+        todo = torch.ones(shape, dtype=torch.bool, device=us_i.device)
+    use_qr = torch.zeros(shape, dtype=torch.bool, device=us_i.device)
+    if todo.any():                                      # general path on the elements left
+        gp = block(gi[0], -cross_u, -cross_u.mT, gj[0])[todo]   # PᵀP
+        gq = block(gi[1], cross_v, cross_v.mT, gj[1])[todo]     # QᵀQ
+        lq, info_q = torch.linalg.cholesky_ex(gq)
+        part = lq.mT @ gp @ lq
+        swap = info_q != 0
+        if swap.any():
+            lp, info_p = torch.linalg.cholesky_ex(gp[swap])
+            part[swap] = lp.mT @ gq[swap] @ lp
+            qr = torch.zeros_like(swap)
+            qr[swap] = info_p != 0
+            use_qr[todo] = qr
+        sym[todo] = part
     lam = torch.linalg.eigvalsh(sym).clamp_min(0)       # ascending
     tail = lam[..., :max(lam.shape[-1] - r, 0)].sum(-1)
     if use_qr.any():
-        p = torch.cat([us_i.expand(*shape, *us_i.shape[-2:]), -us_j.expand(*shape, *us_j.shape[-2:])], -1)
-        q = torch.cat([v_i.expand(*shape, *v_i.shape[-2:]), v_j.expand(*shape, *v_j.shape[-2:])], -1)
-        r_p = torch.linalg.qr(p[use_qr].double(), mode="r").R
-        r_q = torch.linalg.qr(q[use_qr].double(), mode="r").R
-        tail = tail.clone()
-        tail[use_qr] = _tail_energy(r_p @ r_q.mT, r)
+        p = torch.cat([expand(us_i), -expand(us_j)], -1)
+        q = torch.cat([expand(v_i), expand(v_j)], -1)
+        r_p = torch.linalg.qr(p[use_qr].to(precision), mode="r").R
+        r_q = torch.linalg.qr(q[use_qr].to(precision), mode="r").R
+        tail[use_qr] = _tail_energy(r_p @ r_q.mT, r, precision)
     return tail.sqrt().to(us_i.dtype)
 
 
-def truncation_residual(d: torch.Tensor, r: int) -> torch.Tensor:
-    """``||D - SVD_r(D)||_F = sqrt(sum_{k>r} σ_k(D)²)``, with ``σ²`` the eigenvalues of ``DᵀD`` (float64)."""
-    return _tail_energy(d, r).sqrt().to(d.dtype)
+def truncation_residual(d: torch.Tensor, r: int, precision: torch.dtype = torch.float64) -> torch.Tensor:
+    """``||D - SVD_r(D)||_F = sqrt(sum_{k>r} σ_k(D)²)``, with ``σ²`` the eigenvalues of ``DᵀD`` (in ``precision``)."""
+    return _tail_energy(d, r, precision).sqrt().to(d.dtype)
 
 
 def aggregate_distances(per_matrix: dict[str, float], norms: dict[str, float], how: str) -> float:
@@ -319,7 +362,7 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
 
 def distance_table(adapter: ModelAdapter, pruned: list[int], *, metric: str = "lowrank", rank: int = 32,
                    aggregate: str = "sum_sq", svd: str = "gram", progress: bool = True,
-                   chunk_bytes: int = 256 << 20, workers: int | None = None
+                   chunk_bytes: int = 256 << 20, workers: int | None = None, precision: str = "float64"
                    ) -> tuple[dict[int, dict[int, float]], dict[str, int]]:
     """Block distances ``{pruned i: {unpruned j: d(i, j)}}`` and the effective rank per matrix name.
 
@@ -327,11 +370,12 @@ def distance_table(adapter: ModelAdapter, pruned: list[int], *, metric: str = "l
     once) and compared with all pruned blocks in one batched call per matrix. The full-weight
     metrics batch the pruned blocks in groups of at most ``chunk_bytes`` of differences.
     ``workers`` (default: torch's thread count) candidates are processed concurrently, see
-    :func:`parallel_map`.
+    :func:`parallel_map`. ``precision`` (``prune.precision``): dtype of the SVDs, Grams and eigenproblems.
     """
     check_choice(metric, METRICS, "prune.metric")
     check_choice(aggregate, AGGREGATES, "prune.aggregate")
     check_choice(svd, SVD_METHODS, "prune.svd")
+    prec = PRECISIONS[check_choice(precision, tuple(PRECISIONS), "prune.precision")]
     rank = check_rank(rank)
     L = adapter.num_blocks
     cands = [j for j in range(L) if j not in set(pruned)]
@@ -352,17 +396,19 @@ def distance_table(adapter: ModelAdapter, pruned: list[int], *, metric: str = "l
             per[i][j].update({k: 0.0 for k in exact})
     if metric == "lowrank":
         def factors(b: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-            return {k: truncated_svd(w, ranks[k], svd) for k, w in _matrices(adapter, b).items() if k not in exact}
+            return {k: truncated_svd(w, ranks[k], svd, prec) for k, w in _matrices(adapter, b).items()
+                    if k not in exact}
 
         with parallel_map(workers) as pmap:
             fac_p = dict(zip(pruned, pmap(factors, pruned)))
             stacked = {k: (torch.stack([fac_p[i][k][0] for i in pruned]),
                            torch.stack([fac_p[i][k][1] for i in pruned])) for k in fac_p[pruned[0]]}
-            grams_p = {k: self_grams(*f) for k, f in stacked.items()}
+            grams_p = {k: self_grams(*f, prec) for k, f in stacked.items()}
             del fac_p
 
             def candidate(j: int) -> dict[str, torch.Tensor]:
-                return {k: lowrank_residual(*stacked[k], us_j, v_j, ranks[k], grams_p[k], self_grams(us_j, v_j))
+                return {k: lowrank_residual(*stacked[k], us_j, v_j, ranks[k], grams_p[k],
+                                            self_grams(us_j, v_j, prec), prec)
                         for k, (us_j, v_j) in factors(j).items()}
 
             bar = tqdm(total=len(cands), desc="base distances", disable=not progress, leave=False)
@@ -385,7 +431,7 @@ def distance_table(adapter: ModelAdapter, pruned: list[int], *, metric: str = "l
                     if metric == "frobenius":
                         d = torch.linalg.matrix_norm(diff)
                     else:  # no_truncation
-                        d = truncation_residual(diff, ranks[k])
+                        d = truncation_residual(diff, ranks[k], prec)
                     for a, i in enumerate(group):
                         per[i][j][k] = float(d[a])
             bar.update()
@@ -455,13 +501,14 @@ class Plan:
 def make_plan(model: nn.Module, scores: list[float] | None, *, ratio: float | None = 0.3,
               blocks: list[int] | None = None, rank: int = 32, metric: str = "lowrank",
               aggregate: str = "sum_sq", svd: str = "gram", importance_method: str | None = None,
-              progress: bool = True) -> Plan:
+              progress: bool = True, precision: str = "float64") -> Plan:
     """Choose the pruned blocks (lowest ``scores`` or ``blocks``) and a base for each (Eqs. 2-5)."""
     adapter = get_adapter(model)
     L = adapter.num_blocks
     check_choice(metric, METRICS, "prune.metric")
     check_choice(aggregate, AGGREGATES, "prune.aggregate")
     check_choice(svd, SVD_METHODS, "prune.svd")
+    check_choice(precision, tuple(PRECISIONS), "prune.precision")
     rank = check_rank(rank)
     if scores is None:
         if blocks is None:
@@ -473,7 +520,7 @@ def make_plan(model: nn.Module, scores: list[float] | None, *, ratio: float | No
                          "re-run score_importance for this model (`dvc repro score_importance`)")
     pruned = choose_pruned(scores, ratio, blocks)
     distances, ranks = distance_table(adapter, pruned, metric=metric, rank=rank, aggregate=aggregate, svd=svd,
-                                      progress=progress)
+                                      progress=progress, precision=precision)
     base = choose_bases(distances)
     before = unique_param_count(model)
     per_block = block_param_counts(adapter)

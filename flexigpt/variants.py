@@ -80,7 +80,7 @@ def flexigpt_spec(p: Params, plan: Plan | None, num_blocks: int | None = None) -
                          lora_on_kept=p.bool("adapters.lora_on_kept", default=False))
 
 
-def matched_rank(p: Params, num_blocks: int, targets_per_block: int | None = None) -> int:
+def matched_rank(p: Params, num_blocks: int) -> int:
     """LoRA rank for the extend-mode baseline: LoRA on all ``L`` blocks with (about) as many
     parameters as the extension's adapters, ``r_b = max(1, round(r * n_repeats / L))``.
 
@@ -125,15 +125,3 @@ def build_variant(base: nn.Module, variant: str, p: Params, plan: Plan | None, *
     if spec is not None:
         fm.build(model, spec)
     return model
-
-
-def with_overrides(p: Params, overrides: dict[str, Any]) -> Params:
-    """A copy of ``p`` with dotted keys replaced (``{"train.lr": 1e-3}``), as ``dvc exp run -S`` does."""
-    data = copy.deepcopy(p.data)
-    for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return Params(data, p.path)

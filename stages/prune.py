@@ -37,6 +37,7 @@ def body(ctx: StageContext) -> None:
     metric = p.str("prune.metric", choices=list(pl.METRICS))
     aggregate = p.str("prune.aggregate", choices=list(pl.AGGREGATES))
     svd = p.str("prune.svd", choices=list(pl.SVD_METHODS), default="gram")
+    precision = p.str("prune.precision", choices=list(pl.PRECISIONS), default="float64")
     L = num_blocks(ctx)
     pl.choose_pruned([0.0] * L, ratio, blocks)  # validates ratio / blocks before anything heavy
     scores, method = load_scores(ctx, L)
@@ -48,7 +49,7 @@ def body(ctx: StageContext) -> None:
              metric, rank, aggregate)
     model, _ = load_plain(ctx.path("base_model"), "float32")
     plan = pl.make_plan(model, scores, ratio=ratio, blocks=blocks, rank=rank, metric=metric,
-                        aggregate=aggregate, svd=svd, importance_method=method)
+                        aggregate=aggregate, svd=svd, importance_method=method, precision=precision)
 
     with atomic_dir(ctx.path("plan")) as tmp:
         plan.save(tmp / "plan.json")

@@ -11,7 +11,7 @@ from conftest import make_tiny_llama
 from flexigpt import flexi_model as fm
 from flexigpt.config import Params
 from flexigpt.errors import FlexiError
-from flexigpt.variants import applicable, build_variant, matched_rank, spec_for, with_overrides
+from flexigpt.variants import applicable, build_variant, matched_rank, spec_for
 from helpers import assert_clean_error, run_stage, save_tiny_model_dir, tiny_project_params
 
 EXT = {"mode": "extend", "extend": {"start": 1, "end": 3, "pattern": "block", "repeats": 2, "target_depth": None}}
@@ -21,7 +21,7 @@ def params(**over) -> Params:
     p = Params({"mode": "extend", "extend": dict(EXT["extend"]),
                 "adapters": {"rank": 8, "alpha": None, "targets": ["all"], "init": "svd_diff"},
                 "norm": {"enabled": True, "gamma_init": 0.001}})
-    return with_overrides(p, over)
+    return p.with_overrides(over)
 
 
 def test_extend_mode_variants_and_matched_baseline():
@@ -115,7 +115,7 @@ def test_paper_extension_preset_reaches_36_layers():
     root = Path(__file__).resolve().parents[1]
     preset = yaml.safe_load((root / "configs/presets/paper_tinyllama_extend.yaml").read_text())
     p = Params.load(root / "params.yaml")
-    p = with_overrides(p, {f"{g}.{k}": v for g, sec in preset.items() if isinstance(sec, dict) for k, v in sec.items()})
+    p = p.with_overrides({f"{g}.{k}": v for g, sec in preset.items() if isinstance(sec, dict) for k, v in sec.items()})
     spec = extension_spec(p, 22)  # TinyLlama-1.1B has 22 blocks
     assert len(spec.sources) == 36 and len(spec.replaced) == 14
 

@@ -65,6 +65,50 @@ def test_closed_form_batches_over_pruned_blocks():
         assert float(batched[k]) == pytest.approx(literal_eq2(ws[k], ws[3], 5), rel=1e-8)
 
 
+def _decaying(m: int, n: int, g: torch.Generator) -> torch.Tensor:
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64))
+    return u @ torch.diag(torch.logspace(0, -2, min(m, n), dtype=torch.float64)) @ v.T
+
+
+def test_general_path_matches_orthonormal_path():
+    """Non-orthonormal factors of the same Ŵ (us M⁻ᵀ, v M) skip the r x r shortcut; same distance."""
+    g = torch.Generator().manual_seed(11)
+    w_i, w_j = _decaying(50, 40, g), _decaying(50, 40, g)
+    a, b = pl.truncated_svd(w_i, 9), pl.truncated_svd(w_j, 9)
+    m = torch.eye(9, dtype=torch.float64) + 0.3 * torch.randn(9, 9, generator=g, dtype=torch.float64)
+    a_skew = (a[0] @ torch.linalg.inv(m).T, a[1] @ m)
+    assert not pl._is_orthonormal(a_skew[1].T @ a_skew[1])
+    want = literal_eq2(w_i, w_j, 9)
+    assert float(pl.lowrank_residual(*a, *b, 9)) == pytest.approx(want, rel=1e-8)
+    assert float(pl.lowrank_residual(*a_skew, *b, 9)) == pytest.approx(want, rel=1e-8)
+
+
+def test_shared_subspace_falls_back_and_stays_exact():
+    """W_j = W_i + a rank-1 change inside W_i's row space: I - CᵀC is singular, the general path answers."""
+    g = torch.Generator().manual_seed(12)
+    w_i = _decaying(30, 30, g)
+    v1 = torch.linalg.svd(w_i).Vh[0]
+    w_j = w_i + 0.5 * torch.outer(torch.randn(30, generator=g, dtype=torch.float64), v1)
+    for r in (30, 12):   # r = 30: identical row spaces; r = 12: overlapping ones
+        a, b = pl.truncated_svd(w_i, r), pl.truncated_svd(w_j, r)
+        assert float(pl.lowrank_residual(*a, *b, r)) == pytest.approx(literal_eq2(w_i, w_j, r), rel=1e-6, abs=1e-7)
+    same = pl.truncated_svd(w_i, 12)
+    assert float(pl.lowrank_residual(*same, *same, 12)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_float32_precision_is_close_to_float64():
+    g = torch.Generator().manual_seed(13)
+    ws = [_decaying(64, 48, g).float() for _ in range(4)]
+    for prec, rel in ((torch.float64, 1e-4), (torch.float32, 1e-3)):
+        f = [pl.truncated_svd(w, 20, "gram", prec) for w in ws]
+        us, v = torch.stack([x[0] for x in f[:3]]), torch.stack([x[1] for x in f[:3]])
+        got = pl.lowrank_residual(us, v, *f[3], 20, precision=prec)
+        assert got.dtype == torch.float32
+        for k in range(3):
+            assert float(got[k]) == pytest.approx(literal_eq2(ws[k].double(), ws[3].double(), 20), rel=rel)
+
+
 def test_no_truncation_residual_equals_literal():
     g = torch.Generator().manual_seed(3)
     d = torch.randn(2, 30, 45, generator=g, dtype=torch.float64)
@@ -154,6 +198,15 @@ def test_lowrank_block_distance_is_sum_sq_of_literal_eq2(tiny_llama):
     assert set(ranks.values()) == {4}
 
 
+def test_float32_precision_table_is_close(tiny_llama):
+    a = get_adapter(tiny_llama)
+    t64, _ = pl.distance_table(a, [1, 2], rank=4, progress=False)
+    t32, _ = pl.distance_table(a, [1, 2], rank=4, progress=False, precision="float32")
+    for i in t64:
+        for j in t64[i]:
+            assert t32[i][j] == pytest.approx(t64[i][j], rel=1e-4)
+
+
 def test_parallel_candidates_give_the_same_table_and_restore_threads(tiny_llama):
     a = get_adapter(tiny_llama)
     serial, _ = pl.distance_table(a, [1, 2], rank=4, progress=False, workers=1)
@@ -227,6 +280,7 @@ def test_bad_pruning_choice_raises_flexierror(kwargs, param):
     ({"metric": "cosine"}, "prune.metric"),
     ({"aggregate": "max"}, "prune.aggregate"),
     ({"svd": "qr"}, "prune.svd"),
+    ({"precision": "float16"}, "prune.precision"),
 ])
 def test_bad_plan_params_raise_flexierror(tiny_llama, kwargs, param):
     with pytest.raises(FlexiError) as e:
@@ -262,6 +316,7 @@ def _ctx(tmp_path, importance=True, **prune) -> StageContext:
     ({"ratio": None, "blocks": [9]}, "prune.blocks"),
     ({"rank": 0}, "prune.rank"),
     ({"metric": "l2"}, "prune.metric"),
+    ({"precision": "half"}, "prune.precision"),
 ])
 def test_prune_stage_validates_before_loading(tmp_path, override, param):
     body = runpy.run_path(str(ROOT / "stages" / "prune.py"))["body"]
