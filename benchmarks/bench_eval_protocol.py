@@ -15,7 +15,6 @@ all docs), so small-scale numbers carry large stderr and are not comparable to t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re

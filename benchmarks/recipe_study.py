@@ -13,7 +13,6 @@ cached under ``benchmarks/results/recipes`` (see harness.py), so the commands re
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 from harness import ROOT, emit, mean_std, params_for, run_cell
@@ -111,10 +110,7 @@ def main() -> None:
     if args.cmd == "select":
         select(args.recipes, args.seed)
     else:
-        table = report(args.recipes, args.seeds, args.budgets, args.matched)
-        print(table)
-        if args.write:
-            args.write.write_text(table + "\n")
+        emit([report(args.recipes, args.seeds, args.budgets, args.matched)], args.write)
 
 
 if __name__ == "__main__":

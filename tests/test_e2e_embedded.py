@@ -1,6 +1,5 @@
 """One small end-to-end run of every stage on the real embedded model (SmolLM2-135M), tiny budgets."""
 import json
-import os
 from pathlib import Path
 
 import pytest

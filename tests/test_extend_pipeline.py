@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import make_tiny_llama
 from flexigpt import flexi_model as fm

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from helpers import assert_clean_error, corpus, run_stage, save_tiny_model_dir, tiny_project_params, write_jsonl
+from helpers import assert_clean_error, run_stage, save_tiny_model_dir, tiny_project_params, write_jsonl
 
 
 @pytest.fixture(scope="module")
