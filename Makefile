@@ -1,8 +1,15 @@
 # One entry point for setup, the pipeline and the tests. Works offline (package registries only).
+#
+# Every target runs with the venv's bin/ first on PATH: dvc runs each stage's `python stages/...`
+# through the shell, so without this the stages would run under whatever `python` the caller's
+# shell finds first (often the system one, without flexigpt). Outside make, activate the venv
+# (`source .venv/bin/activate`) before `dvc repro` / `dvc exp run`.
 PY ?= python3.11
 VENV ?= .venv
-BIN := $(VENV)/bin
+BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+export VIRTUAL_ENV := $(abspath $(VENV))
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -22,9 +29,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 repro: setup  ## run the whole pipeline on the embedded default model
+	$(BIN)/python -m flexigpt.cli link-data      # lets `dvc exp run --temp/--queue` find ../shared/data too
 	$(BIN)/dvc repro
 
-test: setup  ## the full test suite (includes one small end-to-end run on the embedded model)
+test: setup  ## the full test suite (includes small end-to-end runs on the embedded model, one through dvc repro)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup  ## unit tests only (tiny random models), no real-model runs

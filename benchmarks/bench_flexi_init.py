@@ -16,7 +16,7 @@ from common import base_model, parse_with_dtype, plan, split
 
 from flexigpt import compact
 from flexigpt import flexi_model as fm
-from flexigpt.importance import mean_nll
+from flexigpt.forward import mean_nll
 
 
 def main() -> None:

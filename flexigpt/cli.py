@@ -29,6 +29,7 @@ def _run_stage(name: str, params: str | None, extra: list[str]) -> None:
         os.environ["FLEXIGPT_PARAMS"] = str(Path(params).resolve())
     os.chdir(root)
     sys.argv = [f"stages/{name}.py", *extra]
+    sys.path.insert(0, str(root / "stages"))  # as `python stages/<name>.py` would: its sibling _env.py
     runpy.run_path(str(root / "stages" / f"{name}.py"), run_name="__main__")
 
 
@@ -53,7 +54,7 @@ def _lineage(args: argparse.Namespace) -> None:
     import mlflow
 
     from . import lineage
-    from .tracking import tracking_uri
+    from .store import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(project_root()))
     client = mlflow.MlflowClient()
@@ -63,6 +64,20 @@ def _lineage(args: argparse.Namespace) -> None:
                  "  fix: pass a run id, or a metric key as shown by `dvc metrics show` / the MLflow UI")
     metric = None if run.info.run_id == args.what else args.what
     print(lineage.describe(client, run, metric))
+
+
+def _link_data() -> None:
+    from .config import Params
+    from .errors import FlexiError
+    from .stagekit import link_exp_data
+
+    root = project_root()
+    try:
+        link = link_exp_data(Params.load(root / "params.yaml"), root)
+    except FlexiError as e:
+        sys.exit(f"error: {e}")
+    for path in link:
+        print(f"linked {path} -> {path.resolve()} (for dvc exp run --temp/--queue)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     ft.add_argument("--text-field", default="text")
     pr = sub.add_parser("preset", help="print `dvc exp run` -S flags for a preset file (configs/presets/*.yaml)")
     pr.add_argument("file")
+    sub.add_parser("link-data", help="let `dvc exp run --temp/--queue` resolve a ../-relative data.dir "
+                                     "(make repro runs it; every stage does it too)")
     ln = sub.add_parser("lineage", help="print which code, params and data produced a metric or run")
     ln.add_argument("what", help="a metric key (newest run that logged it) or an MLflow run id")
     ln.add_argument("--stage", help="only runs of this stage (e.g. evaluate@flexigpt)")
@@ -93,12 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(shlex.quote(f) for f in preset_flags(args.file)))
     elif args.cmd == "lineage":
         _lineage(args)
+    elif args.cmd == "link-data":
+        _link_data()
     else:
         _run_stage(args.cmd.replace("-", "_"), args.params, extra)
 
-
-if __name__ == "__main__":
-    main()
 
 
 def _hydra(v) -> str:
@@ -136,3 +152,7 @@ def preset_flags(path: str, params: str = "params.yaml") -> list[str]:
 
     walk(data, base, "")
     return flags
+
+
+if __name__ == "__main__":
+    main()

@@ -134,7 +134,22 @@ def check_float(key: str, v: Any, *, min: float | None = None, max: float | None
     return v
 
 
+DATA_DIR_ENV = "FLEXIGPT_DATA_DIR"
+
+
 def data_dir(params: Params) -> Path:
-    """The offline data directory: env FLEXIGPT_DATA_DIR, else params ``data.dir``."""
-    d = os.environ.get("FLEXIGPT_DATA_DIR") or params.get("data.dir", "../shared/data")
-    return Path(d)
+    """The offline data folder: params ``data.dir``, relative to the project root (the cwd of a stage).
+
+    Only the param is read, never an environment variable: DVC sees params and the files listed as
+    deps, so an env var that swapped the data would leave every result stale while ``dvc status``
+    says "up to date". A set ``FLEXIGPT_DATA_DIR`` is therefore refused, with the `-S` to use instead.
+    """
+    if os.environ.get(DATA_DIR_ENV):
+        raise FlexiError(DATA_DIR_ENV, f"is set ({os.environ[DATA_DIR_ENV]}), but stages read the data folder "
+                         "only from params `data.dir`, so that DVC can see which data a result used",
+                         f"unset {DATA_DIR_ENV} and set the folder with `dvc exp run -S data.dir=PATH` "
+                         "(or edit data.dir in params.yaml)")
+    d = params.get("data.dir")
+    if not isinstance(d, str) or not d:
+        raise FlexiError("data.dir", f"must be a folder path, got {d!r}", "set data.dir to e.g. ../shared/data")
+    return Path(d).expanduser()

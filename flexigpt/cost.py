@@ -33,7 +33,7 @@ from .arch import get_adapter
 from .config import check_int
 from .errors import FlexiError
 from .flexi_model import adapter_params, unique_params
-from .importance import check_dtype, compute_context
+from .forward import check_dtype, compute_context
 
 
 @dataclass

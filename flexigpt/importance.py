@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 
 from .arch import ModelAdapter, get_adapter
 from .errors import FlexiError
+from .forward import backbone, check_dtype, check_input_ids, compute_context, iter_batches, mean_nll
 
 METHODS = ("block_influence", "angular", "drop_nll")
-DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -76,41 +76,6 @@ def check_method(method: str, param: str = "importance.method") -> str:
     if method not in METHODS:
         raise FlexiError(param, f"unknown method {method!r}", f"use one of: {', '.join(METHODS)}")
     return method
-
-
-def check_dtype(dtype: str, param: str = "importance.dtype") -> str:
-    if dtype not in DTYPES:
-        raise FlexiError(param, f"unsupported compute dtype {dtype!r}", f"use one of: {', '.join(DTYPES)}")
-    return dtype
-
-
-def check_input_ids(input_ids: torch.Tensor, param: str = "paths.data") -> torch.Tensor:
-    """Calibration tokens as int64 [N, T] with N >= 1 and T >= 2."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] < 1 \
-            or input_ids.shape[1] < 2 or input_ids.is_floating_point():
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise FlexiError(param, f"calibration input_ids must be an integer tensor [N>=1, T>=2], got {shape}",
-                         "re-run the prepare_calibration stage (`dvc repro prepare_calibration`)")
-    return input_ids.long()
-
-
-# -- plumbing -----------------------------------------------------------------------------------
-def iter_batches(input_ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive row batches of ``input_ids`` (the last one may be smaller)."""
-    for s in range(0, input_ids.shape[0], batch_size):
-        yield input_ids[s:s + batch_size]
-
-
-def compute_context(dtype: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` to bfloat16 on CPU for ``dtype="bfloat16"``, else a no-op."""
-    if dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The decoder without the LM head (``LlamaModel``, ``OPTModel``…): all blocks, no logits."""
-    return getattr(model, "base_model", model)
 
 
 def _hidden(x) -> torch.Tensor:
@@ -187,29 +152,6 @@ def cosine_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int 
                         disable=not progress, leave=False):
             body(input_ids=ids, use_cache=False)
     return sums
-
-
-@torch.inference_mode()
-def mean_nll(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, dtype: str = "bfloat16",
-             progress: bool = False) -> float:
-    """Mean next-token negative log-likelihood (nats/token); log-softmax in float32.
-
-    The LM head runs one sequence at a time, so the logits never exceed T x vocab floats.
-    """
-    adapter = get_adapter(model)
-    input_ids = check_input_ids(input_ids)
-    body, head = backbone(model), adapter.head()
-    total, count = 0.0, 0
-    n_batches = math.ceil(input_ids.shape[0] / batch_size)
-    with compute_context(dtype):
-        for ids in tqdm(iter_batches(input_ids, batch_size), total=n_batches, desc="nll",
-                        disable=not progress, leave=False):
-            h = body(input_ids=ids, use_cache=False).last_hidden_state
-            for row in range(ids.shape[0]):
-                logits = head(h[row, :-1]).float()
-                total += F.cross_entropy(logits, ids[row, 1:], reduction="sum").item()
-                count += ids.shape[1] - 1
-    return total / count
 
 
 def drop_nll_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, dtype: str = "bfloat16",

@@ -123,7 +123,7 @@ def parent_run_id(client, experiment_id: str) -> str | None:
 
 
 def _registry_key() -> str:
-    from .tracking import tracking_uri
+    from .store import tracking_uri
 
     return tracking_uri()
 
@@ -214,6 +214,9 @@ def describe(client, run, metric: str | None = None) -> str:
     if locks:
         lines.append("dvc.lock " + ", ".join(f"{k[9:]}={v}" for k, v in sorted(locks.items())))
     lines.append("versions " + ", ".join(f"{k[8:]} {v}" for k, v in sorted(tags.items()) if k.startswith("version.")))
+    runtime = {k[8:]: v for k, v in tags.items() if k.startswith("runtime.")}
+    if runtime:  # bits depend on these as much as on code and params
+        lines.append("runtime  " + ", ".join(f"{k} {v}" for k, v in sorted(runtime.items())))
     data = {k[12:]: v for k, v in tags.items() if k.startswith("data.sha256.")}
     if data:
         lines.append("data     " + "\n         ".join(f"{k}: sha256 {v}" for k, v in sorted(data.items())))

@@ -21,6 +21,7 @@ import copy
 import importlib.util
 import json
 import math
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any
 import yaml
 
 from .errors import FlexiError
-from .importance import check_dtype, compute_context
+from .forward import check_dtype, compute_context
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def data_files(data_dir: str | Path, tasks: Iterable[str], param: str = "data.di
         p = (root / ALL_TASKS[t].data_file).resolve()
         if not p.is_file():
             raise FlexiError(param, f"task {t!r} needs the data file {p}, which does not exist",
-                             "point `data.dir` (or env FLEXIGPT_DATA_DIR) at the offline data folder "
+                             "point params `data.dir` at the offline data folder "
                              "(see its SOURCES.md), or drop the task")
         out[t] = p
     return out
@@ -212,6 +213,35 @@ def to_jsonable(x: Any) -> Any:
         except (TypeError, ValueError):
             pass
     return str(x)
+
+
+VOLATILE_KEYS = frozenset({"date", "start_time", "end_time", "total_evaluation_time_seconds", "pretty_env_info",
+                           "git_hash", "upper_git_hash", "transformers_version", "lm_eval_version"})
+"""Top-level fields of lm-eval's output that change from run to run (clock, host, versions)."""
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def stable_results(raw: Any, replace: Mapping[str, str] | None = None) -> Any:
+    """lm-eval output with the run-to-run noise taken out, so equal results give equal bytes.
+
+    Drops :data:`VOLATILE_KEYS` at the top level (package versions are in the lineage instead),
+    removes object addresses (``<HFLM object at 0x7f...>``) and replaces each ``replace`` key (the
+    temporary task-YAML folder) by its value, anywhere in the tree.
+    """
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        if isinstance(x, str):
+            for old, new in (replace or {}).items():
+                x = x.replace(old, new)
+            return _ADDRESS.sub("", x)
+        return x
+
+    if isinstance(raw, dict):
+        raw = {k: v for k, v in raw.items() if k not in VOLATILE_KEYS}
+    return clean(raw)
 
 
 def _metric_key(key: str) -> str:
@@ -330,7 +360,7 @@ def run_zero_shot(model, tokenizer, tasks: str | Iterable[str], data_dir: str | 
                                       log_samples=False, bootstrap_iters=bootstrap_iters)
         finally:
             model.train(was_training)
-    raw = to_jsonable(raw)
+    raw = stable_results(to_jsonable(raw), {str(ydir): "<task-yamls>"})
     n_docs = {t: int(raw.get("n-samples", {}).get(local[t], {}).get("effective", 0)) for t in names}
     return {"tasks": task_metrics(raw), "n_docs": n_docs, "limits": limits, "dtype": dtype, "raw": raw}
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import check_int
 from .errors import FlexiError
-from .importance import check_dtype, check_input_ids, mean_nll
+from .forward import check_dtype, check_input_ids, mean_nll
 
 WIKITEXT2_FILE = "wikitext2/test.jsonl"
 WIKITEXT2_JOIN = "\n\n"
@@ -34,7 +34,7 @@ def wikitext2_file(data_dir: str | Path, param: str = "data.dir") -> Path:
     path = Path(data_dir).expanduser() / WIKITEXT2_FILE
     if not path.is_file():
         raise FlexiError(param, f"the WikiText-2 test file {path.resolve()} does not exist",
-                         "point `data.dir` (or env FLEXIGPT_DATA_DIR) at the offline data folder (see SOURCES.md)")
+                         "point params `data.dir` at the offline data folder (see SOURCES.md)")
     return path
 
 

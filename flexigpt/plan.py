@@ -196,7 +196,7 @@ def truncated_svd(w: torch.Tensor, r: int, method: str = "gram", precision: torc
     m, n = w.shape
     r = min(r, m, n)
     if method == "randomized" and r + RANDOMIZED_OVERSAMPLE < min(m, n):
-        u, s, v = torch.svd_lowrank(w, q=r + RANDOMIZED_OVERSAMPLE, niter=RANDOMIZED_NITER)
+        u, s, v = _svd_lowrank_seeded(w, r + RANDOMIZED_OVERSAMPLE, RANDOMIZED_NITER)
         return u[:, :r] * s[:r], v[:, :r]
     if method == "gram":
         w64 = w.to(precision)
@@ -210,6 +210,22 @@ def truncated_svd(w: torch.Tensor, r: int, method: str = "gram", precision: torc
         return (u * s).to(dt), v.to(dt)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[:, :r] * s[:r], vh[:r].mT
+
+
+def _svd_lowrank_seeded(w: torch.Tensor, q: int, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Halko et al.'s randomized SVD (what ``torch.svd_lowrank`` computes) with a private, fixed-seed sketch.
+
+    ``torch.svd_lowrank`` draws its sketch from torch's global generator, which the worker threads of
+    :func:`parallel_map` share: the result would depend on thread scheduling and on earlier draws.
+    A generator of our own makes the plan a pure function of the weights.
+    """
+    g = torch.Generator(device=w.device).manual_seed(0)
+    y = w @ torch.randn(w.shape[1], q, generator=g, dtype=w.dtype, device=w.device)
+    basis = torch.linalg.qr(y).Q
+    for _ in range(niter):  # power iterations sharpen the basis on slowly decaying spectra
+        basis = torch.linalg.qr(w @ torch.linalg.qr(w.mT @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.mT @ w, full_matrices=False)
+    return basis @ u, s, vh.mT
 
 
 def _tail_energy(core: torch.Tensor, r: int, precision: torch.dtype = torch.float64) -> torch.Tensor:

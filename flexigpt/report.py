@@ -15,8 +15,9 @@ def comparison_table(results: dict[str, dict[str, Any]], dense: str = "dense",
                      training: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
     """One row per variant: PPLs, headline accuracy per task, paper average, retained %, costs.
 
-    ``training`` (variant -> train metrics) adds the trained variants' trainable parameters,
-    tokens and wall time. Variants marked ``applicable: false`` (ShortGPT in extend mode) are left out.
+    ``training`` (variant -> train metrics) adds the trained variants' trainable parameters and
+    tokens. Wall-clock figures are not results (they differ run to run): they live in the stages'
+    run records, ``metrics/timing/*.json``. Variants marked ``applicable: false`` (ShortGPT in extend mode) are left out.
     """
     rows = []
     ref = results.get(dense)
@@ -40,13 +41,10 @@ def comparison_table(results: dict[str, dict[str, Any]], dense: str = "dense",
         c = r.get("cost", {})
         row.update(stored_params=c.get("stored_params"), block_executions=c.get("block_executions"),
                    flops_per_token=c.get("flops_per_token"))
-        if ref and c.get("latency_s") and ref.get("cost", {}).get("latency_s"):
-            row["latency_pct_of_dense"] = 100 * c["latency_s"] / ref["cost"]["latency_s"]
         if ref and c.get("stored_params") and ref.get("cost", {}).get("stored_params"):
             row["stored_pct_of_dense"] = 100 * c["stored_params"] / ref["cost"]["stored_params"]
         t = training.get(name, {})
-        row.update(trainable_params=t.get("trainable_params"), train_tokens=t.get("tokens_seen"),
-                   train_s=t.get("wall_s"))
+        row.update(trainable_params=t.get("trainable_params"), train_tokens=t.get("tokens_seen"))
         rows.append(row)
     return pd.DataFrame(rows).set_index("variant")
 

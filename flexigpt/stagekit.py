@@ -1,20 +1,28 @@
-"""Shared plumbing for the thin stage scripts in ``stages/``: params, logging, MLflow, errors.
+"""Shared plumbing for the thin stage scripts in ``stages/``: params, threads, logging, MLflow, errors.
 
 A stage body receives a :class:`StageContext`; any :class:`FlexiError` it raises is printed as
 one clear message (param, problem, fix) and the process exits with status 2, no traceback.
+
+What a stage writes falls in two kinds, so that the same commit, params and data give the same bytes:
+results (artifacts and metrics, hashed by DVC and read by later stages) and the *run record*
+``<paths.timing>/<stage>.json`` (wall-clock figures, ``cache: false``, never a dependency).
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import Params
+from .devices import apply_threads, resolve_threads, runtime_info
 from .errors import FlexiError
+from .fileio import write_json
 
 log = logging.getLogger("flexigpt")
 
@@ -36,10 +44,18 @@ class StageContext:
     stage: str
     params: Params
     run: object  # tracking.StageRun
+    timing: dict[str, Any] = field(default_factory=dict)  # wall-clock figures: go to the run record only
 
     def path(self, key: str) -> Path:
         """An artifact path from params ``paths.<key>``."""
         return Path(self.params.get(f"paths.{key}"))
+
+    def runtime(self, dtype: str | None = None) -> dict[str, Any]:
+        """Device, resolved dtype, threads and hardware, for the stage's metrics and lineage (results depend on them)."""
+        info = runtime_info(dtype)
+        if self.run is not None:
+            self.run.set_tags({f"runtime.{k}": v for k, v in info.items()})
+        return info
 
 
 def is_main_process() -> bool:
@@ -47,23 +63,77 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def record_path(params: Params, stage: str) -> Path:
+    """The stage's run record: ``<paths.timing>/<stage>.json`` (``evaluate@dense`` -> ``evaluate_dense``)."""
+    return Path(params.get("paths.timing")) / f"{stage.replace('@', '_')}.json"
+
+
+EXP_WORKSPACE_PARENTS = ("exps", "exps/standalone")
+"""Where DVC puts experiment workspaces under ``.dvc/tmp``: ``--queue`` runs in ``exps/<tmp>/``,
+``--temp`` in ``exps/standalone/<tmp>/`` (DVC 3)."""
+
+
+def link_exp_data(params: Params, root: Path | None = None) -> list[Path]:
+    """Make a project-relative ``data.dir`` such as ``../shared/data`` resolve in DVC's temp workspaces.
+
+    ``dvc exp run --temp`` / ``--queue`` run a copy of the project in ``<root>/.dvc/tmp/exps/[standalone/]<tmp>/``,
+    where ``../shared/data`` means ``<root>/.dvc/tmp/exps/[standalone/]shared/data``. A symlink there to
+    ``<root>/../shared`` makes the same params (and the same DVC deps) name the same files. Absolute
+    paths need nothing; other relative forms are left alone (use an absolute ``data.dir`` for them).
+    Returns the links made.
+    """
+    root = (root or Path.cwd()).resolve()
+    d = params.get("data.dir", None)
+    if not isinstance(d, str) or not d or Path(d).is_absolute() or not (root / ".dvc").is_dir():
+        return []
+    parts = Path(os.path.normpath(d)).parts
+    in_exp_workspace = any(root.parent.as_posix().endswith(f"/.dvc/tmp/{p}") for p in EXP_WORKSPACE_PARENTS)
+    if len(parts) < 2 or parts[0] != ".." or parts[1] == ".." or in_exp_workspace:
+        return []  # only ../X/...; and never from inside a temp workspace itself
+    target, made = root.parent / parts[1], []
+    if not target.exists():
+        return []
+    for parent in EXP_WORKSPACE_PARENTS:
+        link = root / ".dvc" / "tmp" / parent / parts[1]
+        if link.is_symlink() and link.resolve() == target.resolve():
+            continue
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():
+            continue  # something real lives there: not ours to replace
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target, target_is_directory=True)
+        made.append(link)
+    return made
+
+
 def stage_main(stage: str, body: Callable[[StageContext], None]) -> None:
-    """Run ``body`` inside an MLflow run (main process only); turn FlexiError into a clean exit(2)."""
+    """Run ``body`` inside an MLflow run (main process only); turn FlexiError into a clean exit(2).
+
+    ``stage`` is the DVC stage name (``evaluate@dense``, ``train_flexigpt``); it names the MLflow run
+    and the run record.
+    """
     from . import tracking
 
-    import signal
-
-    stage = os.environ.get("DVC_STAGE") or stage  # DVC's own name (e.g. evaluate@flexigpt) when run by DVC
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated stage still marks its run FAILED
     setup_logging()
     t0 = time.time()
     try:
         params = Params.load(os.environ.get("FLEXIGPT_PARAMS", "params.yaml"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        apply_threads(resolve_threads(params.get("compute.threads", None), local))  # bits depend on it
+        link_exp_data(params)
         exp = experiment_name(params.get("model.source", "flexigpt"))
         runner = tracking.stage_run if is_main_process() else tracking.null_run
         with runner(stage, exp, params.data) as run:
-            body(StageContext(stage, params, run))
-            run.log_metrics({"stage_wall_s": time.time() - t0})
+            run.set_tags({f"runtime.{k}": v for k, v in runtime_info().items()})
+            ctx = StageContext(stage, params, run)
+            body(ctx)
+            wall = time.time() - t0
+            run.log_metrics({"stage_wall_s": wall, **ctx.timing})
+            if is_main_process():
+                write_json(record_path(params, stage), {"stage": stage, "stage_wall_s": round(wall, 3),
+                                                        **ctx.timing, "runtime": runtime_info()})
     except FlexiError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

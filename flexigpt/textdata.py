@@ -49,8 +49,8 @@ def _read_txt(path: Path) -> list[str]:
 
 def read_local(path: Path, text_field: str, param: str) -> TextSource:
     if not path.exists():
-        raise FlexiError(param, f"data path {path} does not exist",
-                         "check the path and data.dir (or FLEXIGPT_DATA_DIR)")
+        raise FlexiError(param, f"data path {path} ({path.resolve()}) does not exist",
+                         "check the path and params data.dir (the data folder this stage reads)")
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in TEXT_SUFFIXES)
     if not files:
         raise FlexiError(param, f"folder {path} holds no {'/'.join(TEXT_SUFFIXES)} files", "point it at text files")

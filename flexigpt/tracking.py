@@ -13,17 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import flatten
+from .store import tracking_uri
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 log = logging.getLogger(__name__)
-
-
-def tracking_uri(root: Path | None = None) -> str:
-    """``FLEXIGPT_MLFLOW_URI`` / ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/mlflow.db``."""
-    uri = os.environ.get("FLEXIGPT_MLFLOW_URI") or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{(root or Path.cwd()).resolve() / 'mlflow.db'}"
 
 
 class StageRun:
@@ -53,6 +45,17 @@ class StageRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def summarise_pipeline(self, files: list[Path]) -> list[str]:
+        """Attach ``files`` to the pipeline's parent run and add ``<stage> (cached)`` children for the
+        stages DVC skipped; returns those stages (nothing outside a DVC execution)."""
+        from . import lineage
+
+        if not self.parent_id:
+            return []
+        for f in files:
+            self.client.log_artifact(self.parent_id, str(f))
+        return lineage.link_cached_stages(self.client, self.experiment_id, self.parent_id, lineage.pipeline_stages())
 
 
 @contextlib.contextmanager
@@ -106,6 +109,9 @@ class NullRun(StageRun):
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
+
+    def summarise_pipeline(self, files: list[Path]) -> list[str]:
+        return []
 
 
 @contextlib.contextmanager

@@ -18,8 +18,8 @@ flexigpt       pruned blocks rebuilt weight-shared     blocks repeated weight-sh
 from __future__ import annotations
 
 import copy
-from typing import Any
 
+import torch
 from torch import nn
 
 from . import flexi_model as fm
@@ -119,9 +119,17 @@ def spec_for(variant: str, p: Params, plan: Plan | None, num_blocks: int | None 
 
 
 def build_variant(base: nn.Module, variant: str, p: Params, plan: Plan | None, *, copy_base: bool = True) -> nn.Module:
-    """A fresh model of ``variant`` (the base is deep-copied unless ``copy_base`` is False)."""
+    """A fresh model of ``variant`` (the base is deep-copied unless ``copy_base`` is False).
+
+    Seeded from params ``seed`` first: PEFT draws every zero-init adapter's A matrix from torch's
+    global generator, so an unseeded build gives other weights on every run.
+    """
     spec = spec_for(variant, p, plan, fm.get_adapter(base).num_blocks)
+    draws = spec is not None and bool(spec.lora_positions)  # only adapters draw random numbers
+    seed = p.int("seed", min=0) if draws else None
     model = copy.deepcopy(base) if copy_base else base
     if spec is not None:
+        if seed is not None:
+            torch.manual_seed(seed)
         fm.build(model, spec)
     return model

@@ -1,9 +1,10 @@
 """Stage compare: per-variant metrics -> comparison table (md, csv), chart, MLflow parent summary."""
+import _env  # noqa: F401  (first: one clear line instead of a traceback outside the project's environment)
 import json
 
 import pandas as pd
 
-from flexigpt import lineage, report
+from flexigpt import report
 from flexigpt.errors import FlexiError
 from flexigpt.fileio import atomic_file, write_json
 from flexigpt.stagekit import StageContext, log, stage_main
@@ -34,21 +35,17 @@ def body(ctx: StageContext) -> None:
     png = ctx.path("plots_dir") / "comparison.png"
     report.plot_comparison(df, str(png))
     summary = {v: {k: (float(df.loc[v, k]) if k in df.columns and pd.notna(df.loc[v, k]) else None) for k in
-                   ("heldout_ppl", "wikitext2_ppl_512", "paper_avg", "retained_pct", "latency_pct_of_dense",
-                    "stored_pct_of_dense", "train_s")} for v in variants}
+                   ("heldout_ppl", "wikitext2_ppl_512", "paper_avg", "retained_pct",
+                    "stored_pct_of_dense")} for v in variants}
 
     write_json(ctx.path("metrics_dir") / "comparison.json", {"mode": ctx.params.str("mode", default="prune"), **summary})
     for f in ("comparison.md", "comparison.csv"):
         ctx.run.log_artifact(out / f)
     ctx.run.log_artifact(png)
     ctx.run.log_metrics(summary)
-    run = ctx.run
-    if getattr(run, "parent_id", None):  # the pipeline's parent run carries the table too
-        for f in (out / "comparison.md", out / "comparison.csv", png):
-            run.client.log_artifact(run.parent_id, str(f))
-        linked = lineage.link_cached_stages(run.client, run.experiment_id, run.parent_id, lineage.pipeline_stages())
-        if linked:
-            log.info("cached stages linked to their producing runs: %s", ", ".join(linked))
+    linked = ctx.run.summarise_pipeline([out / "comparison.md", out / "comparison.csv", png])  # the parent run too
+    if linked:
+        log.info("cached stages linked to their producing runs: %s", ", ".join(linked))
     print(report.to_markdown(df, protocols))
 
 

@@ -3,6 +3,7 @@
 The variant's model comes from ``evaluate.variants[<variant>]``: a plain HF folder (dense), a plan
 folder (ShortGPT: the plan's blocks removed from the base model), or a compact flexigpt folder.
 """
+import _env  # noqa: F401  (first: one clear line instead of a traceback outside the project's environment)
 import argparse
 from pathlib import Path
 
@@ -86,8 +87,10 @@ def body(ctx: StageContext, variant: str) -> None:
     out["paper_average"] = lm_tasks.paper_average(zs) if set(lm_tasks.PAPER_TASKS) <= set(s["tasks"]) else None
     c = cost.count_cost(model)
     batch = heldout[:1]
-    out["cost"] = {**c.to_dict(), "latency_s": cost.forward_latency(model, batch, repeats=3, dtype=s["dtype"])["median_s"],
-                   "latency_tokens": int(batch.numel())}
+    out["cost"] = c.to_dict()
+    out["runtime"] = ctx.runtime(s["dtype"])
+    ctx.timing.update(latency_s=cost.forward_latency(model, batch, repeats=3, dtype=s["dtype"])["median_s"],
+                      latency_tokens=int(batch.numel()))  # wall-clock: run record only, never in results
     eval_dir = ctx.path("eval") / variant
     eval_dir.mkdir(parents=True, exist_ok=True)
     lm_tasks.save_results(zs["raw"], eval_dir / "lm_eval_results.json")

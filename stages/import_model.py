@@ -1,4 +1,5 @@
 """Stage import_model: model.source -> plain HF folder (safetensors) + metrics."""
+import _env  # noqa: F401  (first: one clear line instead of a traceback outside the project's environment)
 from flexigpt import model_import as mi
 from flexigpt.fileio import atomic_dir, sha256_tree, write_json
 from flexigpt.stagekit import StageContext, log, stage_main
@@ -17,7 +18,7 @@ def body(ctx: StageContext) -> None:
         hashes = sha256_tree(tmp)
     weights = {k: v for k, v in hashes.items() if k.endswith(".safetensors")}
     metrics = {**mi.model_stats(model), "dtype": dtype, "source_kind": src.kind,
-               "weights_sha256": weights, "source_sha256": mi.sha256_source(src)}
+               "weights_sha256": weights, "source_sha256": mi.sha256_source(src), "runtime": ctx.runtime()}
     write_json(ctx.path("import_metrics"), metrics)
     ctx.run.log_metrics(metrics)
     ctx.run.set_tags({"weights_sha256": ",".join(weights.values()), "source": src.spec})

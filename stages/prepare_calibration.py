@@ -1,4 +1,5 @@
 """Stage prepare_calibration: text sources -> calibration / train / heldout token splits."""
+import _env  # noqa: F401  (first: one clear line instead of a traceback outside the project's environment)
 from pathlib import Path
 
 from safetensors.torch import save_file

@@ -1,4 +1,5 @@
 """Stage prune: importance scores + base model -> pruning plan (pruned blocks, bases, distances)."""
+import _env  # noqa: F401  (first: one clear line instead of a traceback outside the project's environment)
 import json
 
 from flexigpt import plan as pl
@@ -65,7 +66,8 @@ def body(ctx: StageContext) -> None:
                "mean_base_distance": sum(chosen) / len(chosen),
                "mean_base_offset": sum(abs(i - plan.base[i]) for i in plan.pruned) / len(plan.pruned)}
     write_json(ctx.path("prune_metrics"), {**metrics, "pruned": plan.pruned,
-                                           "base": {str(i): j for i, j in plan.base.items()}})
+                                           "base": {str(i): j for i, j in plan.base.items()},
+                                           "runtime": ctx.runtime()})
     ctx.run.log_metrics(metrics)
     for path in (ctx.path("plan") / "plan.json", ctx.path("distance_png"), ctx.path("pruned_png")):
         ctx.run.log_artifact(path)

@@ -1,4 +1,5 @@
 """Stage score_importance: base model + calibration split -> per-block importance (Eq. 1) + plots."""
+import _env  # noqa: F401  (first: one clear line instead of a traceback outside the project's environment)
 import csv
 import time
 
@@ -8,6 +9,7 @@ from flexigpt import importance as imp
 from flexigpt.arch import get_adapter
 from flexigpt.devices import resolve_dtype
 from flexigpt.errors import FlexiError
+from flexigpt.forward import DTYPES
 from flexigpt.fileio import atomic_dir, atomic_file, write_json
 from flexigpt.model_import import load_plain
 from flexigpt.plots import importance_bars
@@ -37,7 +39,7 @@ def body(ctx: StageContext) -> None:
     p = ctx.params
     method = p.str("importance.method", choices=list(imp.METHODS))
     batch_size = p.int("importance.batch_size", min=1)
-    dtype = resolve_dtype(p.str("importance.dtype", choices=["auto", *imp.DTYPES], default="auto"))
+    dtype = resolve_dtype(p.str("importance.dtype", choices=["auto", *DTYPES], default="auto"))
     n_seq = p.int("importance.n_sequences", min=1, allow_none=True, default=None)
     ids = load_calibration(ctx, n_seq)  # validated before the model loads
     model, _ = load_plain(ctx.path("base_model"), "float32")
@@ -56,9 +58,9 @@ def body(ctx: StageContext) -> None:
     importance_bars(res.scores, ctx.path("importance_png"), method=method)
 
     metrics = {"tokens": res.tokens, "sequences": res.sequences, "num_blocks": res.num_blocks,
-               "score_min": min(res.scores), "score_max": max(res.scores), "scoring_s": round(wall, 2),
-               "tokens_per_s": round(res.tokens / max(wall, 1e-9), 1)}
-    write_json(ctx.path("importance_metrics"), {"method": method, **metrics})
+               "score_min": min(res.scores), "score_max": max(res.scores)}
+    ctx.timing.update(scoring_s=round(wall, 2), tokens_per_s=round(res.tokens / max(wall, 1e-9), 1))
+    write_json(ctx.path("importance_metrics"), {"method": method, **metrics, "runtime": ctx.runtime(dtype)})
     ctx.run.log_metrics(metrics)
     for i, s in enumerate(res.scores):
         ctx.run.log_metrics({"importance_score": s}, step=i)

@@ -4,6 +4,7 @@
 ``mode: extend``: repeated blocks with zero-init adapters; start PPL of the base and the extended
 model (equal up to the small γ), the new depth and the parameter overhead.
 """
+import _env  # noqa: F401  (first: one clear line instead of a traceback outside the project's environment)
 import math
 
 import torch
@@ -16,7 +17,7 @@ from flexigpt import variants
 from flexigpt.devices import resolve_dtype
 from flexigpt.errors import FlexiError
 from flexigpt.fileio import write_json
-from flexigpt.importance import mean_nll
+from flexigpt.forward import mean_nll
 from flexigpt.model_import import load_plain
 from flexigpt.plan import Plan
 from flexigpt.stagekit import StageContext, log, stage_main
@@ -60,10 +61,11 @@ def body(ctx: StageContext) -> None:
     metrics[f"start_ppl_vs_{ref}"] = metrics["flexigpt"]["heldout_ppl"] / metrics[ref]["heldout_ppl"]
     metrics["param_overhead_vs_dense"] = metrics["flexigpt"]["stored_params"] / metrics["dense"]["stored_params"] - 1
     metrics["heldout_tokens"] = int(ids.numel())
+    metrics["runtime"] = ctx.runtime(dtype)
     log.info("%s mode: depth %d -> %d, stored params %+.1f%% vs dense", mode, num_blocks, len(spec.sources),
              100 * metrics["param_overhead_vs_dense"])
     write_json(ctx.path("svd_init_metrics"), metrics)
-    ctx.run.log_metrics({k: v for k, v in metrics.items() if k != "mode"})
+    ctx.run.log_metrics({k: v for k, v in metrics.items() if k not in ("mode", "runtime")})
     ctx.run.log_artifact(ctx.path("flexigpt_init") / "flexigpt.json")
 
 

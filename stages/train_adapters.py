@@ -4,7 +4,9 @@
 
 ``flexigpt`` starts from the svd_init artifact (pruned-and-rebuilt or extended, per ``mode``);
 ``lora_baseline`` is ShortGPT+LoRA (prune mode) or base + rank-matched LoRA (extend mode).
+The stage is named ``train_<variant>``, as in dvc.yaml.
 """
+import _env  # noqa: F401  (first: one clear line instead of a traceback outside the project's environment)
 import argparse
 import math
 import os
@@ -16,7 +18,7 @@ from flexigpt import compact
 from flexigpt.devices import resolve_dtype
 from flexigpt.errors import FlexiError
 from flexigpt.fileio import atomic_file, write_json
-from flexigpt.importance import mean_nll
+from flexigpt.forward import mean_nll
 from flexigpt.model_import import load_plain
 from flexigpt.plan import Plan
 from flexigpt.stagekit import StageContext, is_main_process, log, stage_main
@@ -58,16 +60,16 @@ def body(ctx: StageContext, variant: str) -> None:
         del base
     curve = ctx.path("plots_dir") / f"train_{variant}.csv"
     curve.parent.mkdir(parents=True, exist_ok=True)
-    rows = ["step,loss,lr,grad_norm,tokens_per_s,tokens_seen"]
 
     def on_step(rec: dict) -> None:
         ctx.run.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
-        rows.append(",".join(str(rec[k]) for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen")))
 
     res = train(model, ids, s, teacher=teacher, ckpt_dir=ctx.path("checkpoints") / variant,
                 resume=p.bool("train.resume", default=True), on_step=on_step)
     if not is_main_process():
         return
+    cols = ("step", "loss", "lr", "grad_norm", "tokens_seen")  # no wall-clock column: the curve is a result
+    rows = [",".join(cols)] + [",".join(repr(rec[k]) for k in cols) for rec in res.history]  # resumed steps too
     with atomic_file(curve) as tmp:
         tmp.write_text("\n".join(rows) + "\n")
     heldout = split(ctx, "heldout").long()
@@ -75,10 +77,13 @@ def body(ctx: StageContext, variant: str) -> None:
                             progress=True))
     out = ctx.path("trained") / variant
     compact.save(model, out, tokenizer=tok)
-    metrics = {**res.to_dict(), "heldout_ppl": ppl, "variant": variant, "mode": mode(p),
-               "trainable_params": sum(t.numel() for t in model.parameters() if t.requires_grad)}
+    result = res.to_dict()
+    ctx.timing.update(train_s=round(result.pop("wall_s"), 2), tokens_per_s=round(result.pop("tokens_per_s"), 1))
+    metrics = {**result, "heldout_ppl": ppl, "variant": variant, "mode": mode(p), "seed": s.seed,
+               "trainable_params": sum(t.numel() for t in model.parameters() if t.requires_grad),
+               "runtime": ctx.runtime(s.dtype)}
     write_json(ctx.path("metrics_dir") / f"train_{variant}.json", metrics)
-    ctx.run.log_metrics({k: v for k, v in metrics.items() if k not in ("variant", "mode")})
+    ctx.run.log_metrics({k: v for k, v in metrics.items() if k not in ("variant", "mode", "runtime")})
     ctx.run.log_artifact(curve)
     log.info("%s: final loss %.3f, heldout PPL %.2f, %.0f tok/s", variant, res.final_loss, ppl, res.tokens_per_s)
 
@@ -87,4 +92,4 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", choices=TRAINABLE, required=True)
     a = ap.parse_args()
-    stage_main(f"train_adapters@{a.variant}", lambda ctx: body(ctx, a.variant))
+    stage_main(f"train_{a.variant}", lambda ctx: body(ctx, a.variant))

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("FLEXIGPT_DATA_DIR", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT / "stages"))  # tests that load a stage script find its sibling _env.py
+DATA_DIR = Path(os.environ.get("FLEXIGPT_TEST_DATA_DIR", ROOT.parent / "shared" / "data"))  # where the tests find it
 
 
 def make_tiny_llama(n_layers: int = 6, hidden: int = 32, seed: int = 0, vocab: int = 128, kv_heads: int = 2,
@@ -65,3 +67,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def dvc_project(tmp_path_factory):
+    """A copy of the project with tiny budgets, after one `make repro` from a shell without the venv.
+
+    Returns ``(path, stages that ran, seconds)``. Shared by the DVC-layer and real-model tests, so
+    the embedded model goes through the pipeline once per test session.
+    """
+    import time
+
+    from helpers import copy_project, run_in
+
+    if not (DATA_DIR / "calibration" / "calib_text.jsonl").is_file():
+        pytest.fail(f"offline data not found at {DATA_DIR}; set FLEXIGPT_TEST_DATA_DIR")
+    proj = copy_project(DATA_DIR, tmp_path_factory.mktemp("clone"))
+    t0 = time.time()
+    ran, _ = run_in(proj, ["make", "repro", f"VENV={sys.prefix}"], with_venv=False)
+    return proj, ran, time.time() - t0

@@ -79,7 +79,8 @@ def run_stage(name: str, params: dict, tmp: Path, timeout: int = 600, mlflow_db:
     pfile.write_text(yaml.safe_dump(params))
     db = mlflow_db or Path(os.environ.get("FLEXIGPT_TEST_MLFLOW_DB", tmp / "mlflow.db"))
     env = {**os.environ, "FLEXIGPT_PARAMS": str(pfile), "FLEXIGPT_MLFLOW_URI": f"sqlite:///{db}",
-           "FLEXIGPT_DATA_DIR": params["data"]["dir"], "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("FLEXIGPT_DATA_DIR", None)  # stages read data.dir only (and refuse the variable)
     return subprocess.run([sys.executable, f"stages/{name}.py", *(args or [])], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -89,3 +90,80 @@ def assert_clean_error(res: subprocess.CompletedProcess, param: str) -> None:
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert "Traceback" not in res.stderr, res.stderr[-2000:]
     assert param in res.stderr and "fix:" in res.stderr, res.stderr[-2000:]
+
+
+# -- a copy of the project, run through its own dvc.yaml ----------------------------------------------
+
+PIPELINE_STAGES = frozenset({"import_model", "prepare_calibration", "score_importance", "prune", "svd_init",
+                             "train_flexigpt", "train_lora_baseline", "evaluate@dense", "evaluate@shortgpt",
+                             "evaluate@lora_baseline", "evaluate@flexigpt", "compare"})
+VENV_BIN = Path(sys.prefix) / "bin"
+
+
+def tiny_pipeline_params(params: dict) -> dict:
+    """The default params with budgets small enough for a few minutes on 2 cores (data.dir unchanged)."""
+    params["calibration"].update(seq_len=128, n_sequences=8, train_tokens=128 * 16)
+    params["heldout"]["n_sequences"] = 4
+    params["importance"]["batch_size"] = 4
+    params["prune"]["precision"] = "float32"
+    params["train"].update(batch_size=4, micro_batch=2, token_budget=128 * 4 * 2)
+    params["evaluate"].update(tasks=["arc_easy", "piqa"], limit=2, ppl_windows=[256], ppl_max_windows=1,
+                              lm_eval_wikitext=False, batch_size=4)
+    return params
+
+
+def shell_env(project: Path, with_venv: bool) -> dict[str, str]:
+    """A new shell's environment: no venv on PATH, or the venv activated (``with_venv``)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VIRTUAL_ENV", "FLEXIGPT_PARAMS", "FLEXIGPT_MLFLOW_URI", "MLFLOW_TRACKING_URI",
+                        "FLEXIGPT_DATA_DIR", "DVC_STAGE", "DVC_ROOT", "PYTHONPATH")}
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != VENV_BIN.resolve()]
+    env["PATH"] = os.pathsep.join(([str(VENV_BIN)] if with_venv else []) + path)
+    env["PYTHONPATH"] = str(project)  # the copy's own flexigpt, not the checkout the editable install points at
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return env
+
+
+def run_in(project: Path, cmd: list[str], with_venv: bool, timeout: int = 1500) -> tuple[set[str], str]:
+    """Run ``cmd`` in ``project``; return the stages DVC ran and the output."""
+    import re
+
+    res = subprocess.run(cmd, cwd=project, env=shell_env(project, with_venv), capture_output=True, text=True,
+                         timeout=timeout)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{out[-6000:]}"
+    return set(re.findall(r"Running stage '([^']+)'", out)), out
+
+
+def copy_project(data_dir: Path, top: Path) -> Path:
+    """Tracked (and untracked, not ignored) files -> ``top/main``, a fresh git repo with tiny params,
+    beside ``top/shared`` (a link to the data's parent), so the default ``data.dir`` resolves."""
+    import shutil
+
+    (top / "shared").symlink_to(data_dir.parent)
+    proj = top / "main"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for f in filter(None, files):
+        if (ROOT / f).is_file():
+            (proj / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, proj / f)  # keeps mtimes, so make sees the venv as up to date
+    (proj / "dvc.lock").unlink(missing_ok=True)
+    params = tiny_pipeline_params(yaml.safe_load((proj / "params.yaml").read_text()))
+    assert params["data"]["dir"] == "../shared/data"  # the default, unchanged
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for cmd in (["git", "init", "-q"], [str(VENV_BIN / "dvc"), "config", "--local", "cache.type", "hardlink,copy"],
+                ["git", "add", "-A"], git + ["commit", "-q", "-m", "tiny"]):
+        subprocess.run(cmd, cwd=proj, check=True, capture_output=True)
+    return proj
+
+
+def project_params(project: Path) -> dict:
+    """The copy's params with every path made absolute (for running its stages directly)."""
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    p["data"]["dir"] = str((project / p["data"]["dir"]).resolve())
+    p["paths"] = {k: str(project / v) for k, v in p["paths"].items()}
+    p["train_launch"]["config"] = str(project / p["train_launch"]["config"])
+    p["evaluate"]["variants"] = {k: str(project / v) for k, v in p["evaluate"]["variants"].items()}
+    return p

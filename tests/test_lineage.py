@@ -57,10 +57,12 @@ def test_find_run_by_metric_and_describe(store, monkeypatch):
     monkeypatch.setattr(lineage, "dvc_execution_key", lambda: None)
     with tracking.stage_run("a", "exp", {"grp": {"k": 7}, "other": {"z": 1}}) as run:
         run.log_metrics({"heldout_ppl": 12.5})
+        run.set_tags({"runtime.dtype": "float32", "runtime.threads": 2, "runtime.cpu": "Test CPU"})
     found = lineage.find_run(store, "heldout_ppl")
     assert found.info.run_id == run.run_id
     text = lineage.describe(store, found, "heldout_ppl")
     assert "heldout_ppl = 12.5" in text and "grp.k = 7" in text and "other.z" not in text  # only the stage's params
+    assert "runtime  cpu Test CPU, dtype float32, threads 2" in text  # what the bits depend on, besides code
     assert lineage.find_run(store, "no_such_metric") is None
 
 
