@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 repro: setup  ## run the whole pipeline on the embedded default model
-	$(BIN)/python -m flexigpt.cli link-data      # lets `dvc exp run --temp/--queue` find ../shared/data too
+	$(BIN)/python -m flexigpt.pipeline.cli link-data      # lets `dvc exp run --temp/--queue` find ../shared/data too
 	$(BIN)/dvc repro
 
 test: setup  ## the full test suite (includes small end-to-end runs on the embedded model, one through dvc repro)

@@ -22,15 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports transformers / datasets
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from flexigpt import lm_tasks, perplexity  # noqa: E402
-from flexigpt.config import Params, data_dir  # noqa: E402
+from common import ROOT, data_folder, path  # noqa: E402
+
+from flexigpt.devices import resolve_dtype  # noqa: E402
 from flexigpt.errors import FlexiError  # noqa: E402
+from flexigpt.evaluate import lm_tasks, perplexity  # noqa: E402
 
 REF_COLUMNS = {"PPL @2048": "ppl@2048", "PPL @512": "ppl@512", "ARC-e": "arc_easy", "ARC-c": "arc_challenge",
                "PIQA": "piqa", "WinoG": "winogrande", "HellaS": "hellaswag", "BoolQ": "boolq",
@@ -73,8 +73,8 @@ def row(name: str, ours: float, ref: float | None, extra: str = "") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "artifacts/base_model"), help="imported HF folder")
-    ap.add_argument("--data-dir", default=None, help="offline data folder (default: env / params data.dir)")
+    ap.add_argument("--model", default=str(path("base_model")), help="imported HF folder (default: paths.base_model)")
+    ap.add_argument("--data-dir", default=None, help="offline data folder (default: params data.dir)")
     ap.add_argument("--reference", default=str(ROOT.parent / "shared/docs/reference-numbers.md"))
     ap.add_argument("--windows", type=int, nargs="+", default=[2048, 512], help="PPL window lengths")
     ap.add_argument("--max-windows", type=int, default=None, help="first N windows only (default: all)")
@@ -88,16 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-zero-shot", action="store_true")
     ap.add_argument("--out", default=None, help="also write all results to this JSON file")
     a = ap.parse_args(argv)
-    from flexigpt.devices import resolve_dtype
-
-    a.dtype = resolve_dtype(a.dtype)
+    a.dtype = resolve_dtype(a.dtype, "cpu")  # the model stays on the CPU
     if not 0 < a.limit_scale <= 1:
         raise FlexiError("--limit-scale", f"must be in (0, 1], got {a.limit_scale}", "use e.g. 0.02 or 1")
 
-    from flexigpt.model_import import load_plain
+    from flexigpt.model.importer import load_plain
 
-    data = Path(a.data_dir) if a.data_dir else data_dir(Params.load(ROOT / "params.yaml"))
-    data = data if data.is_absolute() else (ROOT / data).resolve()
+    data = Path(a.data_dir).resolve() if a.data_dir else data_folder()
     limits = None if a.skip_zero_shot else scaled_limits(data, a.limit_scale)
     ref = read_reference(Path(a.reference))
     model, tok = load_plain(a.model)

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_flexi_init.py [--gamma 1e-3] [--rank 32]
 
-Uses the pipeline's plan (artifacts/plan/plan.json) and heldout split (64 x 512 WikiText-2 tokens).
+Uses the pipeline's plan (``paths.plan``) and heldout split (``paths.data``: WikiText-2 windows).
 Acceptance (issue 4): start PPL within 10% of ShortGPT; without output norm orders of magnitude
 worse; compact artifact smaller than dense by about the pruned share minus the adapters.
 """
@@ -14,9 +14,9 @@ import time
 
 from common import base_model, parse_with_dtype, plan, split
 
-from flexigpt import compact
-from flexigpt import flexi_model as fm
-from flexigpt.forward import mean_nll
+from flexigpt.model import checkpoint as compact
+from flexigpt.model import flexi as fm
+from flexigpt.model.forward import mean_nll
 
 
 def main() -> None:

@@ -27,34 +27,23 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, base_model, path, split
 
-from flexigpt import importance as imp  # noqa: E402
-from flexigpt import plan as pl  # noqa: E402
-from flexigpt.arch import get_adapter  # noqa: E402
+from flexigpt.compress import distance as dist
+from flexigpt.compress import importance as imp
+from flexigpt.compress import plan as pl
+from flexigpt.model.arch import arch_of
+from flexigpt.model.forward import compute_context
 
-MODEL = ROOT / "artifacts" / "base_model"
-CALIB = ROOT / "artifacts" / "data" / "calibration.safetensors"
-IMPORTANCE = ROOT / "artifacts" / "importance" / "importance.json"
 MiB = 2 ** 20
 
 
 def load_model():
-    from flexigpt.model_import import load_plain
-
-    if not (MODEL / "config.json").is_file():
-        sys.exit(f"no model at {MODEL}: run `dvc repro prepare_calibration` first")
-    return load_plain(MODEL, "float32")[0]
+    return base_model("float32")[0]
 
 
 def load_tokens(n: int, seq: int) -> torch.Tensor:
-    from safetensors.torch import load_file
-
-    if not CALIB.is_file():
-        sys.exit(f"no calibration split at {CALIB}: run `dvc repro prepare_calibration` first")
-    ids = load_file(str(CALIB))["input_ids"].long()
-    return ids[:n, :seq]
+    return split("calibration", n)[:, :seq]
 
 
 def load_avg() -> str:
@@ -63,8 +52,8 @@ def load_avg() -> str:
 
 # -- (a) throughput ----------------------------------------------------------------------------------------
 def plain_forward(model, ids: torch.Tensor, dtype: str) -> float:
-    body = imp.backbone(model)
-    with torch.inference_mode(), imp.compute_context(dtype):
+    body = arch_of(model).backbone()
+    with torch.inference_mode(), compute_context(dtype, model):
         t = time.perf_counter()
         body(input_ids=ids, use_cache=False)
         return time.perf_counter() - t
@@ -95,26 +84,27 @@ def part_a(batch: int, seq: int, repeats: int, dtypes: list[str]) -> None:
 
 # -- (b) base selection --------------------------------------------------------------------------------------
 def pruned_set(L: int) -> tuple[list[int], str]:
-    if IMPORTANCE.is_file():
-        scores = json.loads(IMPORTANCE.read_text())["scores"]
-        return pl.choose_pruned(scores, ratio=0.3), "from artifacts/importance (ratio 0.3)"
+    f = path("importance") / "importance.json"
+    if f.is_file():
+        scores = json.loads(f.read_text())["scores"]
+        return pl.choose_pruned(scores, ratio=0.3), f"from {f} (ratio 0.3)"
     n = pl.n_from_ratio(0.3, L)
     return sorted({round(k * (L - 1) / (n - 1)) for k in range(n)}), "evenly spaced (no importance.json yet)"
 
 
-def time_factors(adapter, blocks: list[int], rank: int, svd: str, precision: str = "float64") -> float:
+def time_factors(arch, blocks: list[int], rank: int, svd: str, precision: str = "float64") -> float:
     t = time.perf_counter()
     for b in blocks:
-        for k, w in adapter.weights(b).items():
+        for k, w in arch.weights(b).items():
             r = min(rank, *w.shape)
             if r < min(w.shape):  # clamped matrices are skipped by distance_table too
-                pl.truncated_svd(w.detach(), r, svd, pl.PRECISIONS[precision])
+                dist.truncated_svd(w.detach(), r, svd, dist.PRECISIONS[precision])
     return time.perf_counter() - t
 
 
 def part_b_smollm(svd_methods: list[str], precisions: list[str]) -> None:
     model = load_model()
-    a = get_adapter(model)
+    a = arch_of(model)
     L = a.num_blocks
     pruned, how = pruned_set(L)
     n_pairs = len(pruned) * (L - len(pruned))
@@ -128,9 +118,9 @@ def part_b_smollm(svd_methods: list[str], precisions: list[str]) -> None:
             for prec in precisions:
                 t_fac = time_factors(a, list(range(L)), rank, svd, prec)
                 t = time.perf_counter()
-                table, _ = pl.distance_table(a, pruned, rank=rank, svd=svd, progress=False, precision=prec)
+                table, _ = dist.distance_table(a, pruned, rank=rank, svd=svd, progress=False, precision=prec)
                 total = time.perf_counter() - t
-                bases = pl.choose_bases(table)
+                bases = dist.choose_bases(table)
                 if prec == "float64":
                     ref = (table, bases)
                     cmp = ""
@@ -147,7 +137,7 @@ def part_b_floor(n_problems: int = 945, n_factors: int = 150, r: int = 256, d: i
     """Floor of exact base selection at rank r on 2 cores: the dense kernels it cannot avoid, timed
     single-threaded and spread over the cores, per precision. Defaults: SmolLM2 at r = 256.
     Kernels: the 2r x 2r eigenvalue problem, its assembly (r x r Cholesky + six r x r products, see
-    plan._core_orthonormal) and one Gram eigendecomposition (d x d) per truncated SVD."""
+    distance._core_orthonormal) and one Gram eigendecomposition (d x d) per truncated SVD."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -170,7 +160,7 @@ def part_b_floor(n_problems: int = 945, n_factors: int = 150, r: int = 256, d: i
                 return (time.perf_counter() - t) / 3 / n
 
             eig = per_call(lambda: torch.linalg.eigvalsh(sym), 4)
-            core = per_call(lambda: pl._core_orthonormal(ga, ge, blk, c), 4)
+            core = per_call(lambda: dist._core_orthonormal(ga, ge, blk, c), 4)
             fac = per_call(lambda: torch.linalg.eigh(g), 1)
             parts = {"eigenvalues": eig * n_problems, "assembly": core * n_problems, "factors": fac * n_factors}
             print(f"\n(b-floor) exact r = {r}, {str(prec).replace('torch.', '')}: {n_problems} eigenproblems of "
@@ -195,7 +185,7 @@ def part_b_7b(rank: int, svd_methods: list[str], precisions: list[str]) -> None:
         for kind, shape in (("square", (4096, 4096)), ("rect", (11008, 4096))):
             w = torch.randn(*shape, generator=g) / 64
             t = time.perf_counter()
-            facs[kind] = pl.truncated_svd(w, rank, svd)
+            facs[kind] = dist.truncated_svd(w, rank, svd)
             per[kind] = time.perf_counter() - t
             del w
         block_svd = 4 * per["square"] + 3 * per["rect"]
@@ -209,7 +199,7 @@ def part_b_7b(rank: int, svd_methods: list[str], precisions: list[str]) -> None:
             fi = (torch.randn(m, rank, generator=g), torch.linalg.qr(torch.randn(n, rank, generator=g))[0])
             fj = (torch.randn(m, rank, generator=g), torch.linalg.qr(torch.randn(n, rank, generator=g))[0])
             t = time.perf_counter()
-            pl.lowrank_residual(*fi, *fj, rank, precision=pl.PRECISIONS[prec])
+            dist.lowrank_residual(*fi, *fj, rank, precision=dist.PRECISIONS[prec])
             t_pair += time.perf_counter() - t
         pair[prec] = t_pair
         print(f"one pair (7 closed-form residuals, 2r = {2 * rank}, {prec}): {t_pair:.2f} s")
@@ -246,7 +236,7 @@ def memory_child(batch: int, seq: int, n_batches: int, dtype: str) -> None:
         reset = False
     imp.cosine_scores(model, ids, batch_size=batch, dtype=dtype, progress=False)
     peak = _rss_kib("VmHWM")
-    a = get_adapter(model)
+    a = arch_of(model)
     print(json.dumps({"start_kib": start, "loaded_kib": loaded, "peak_kib": peak, "hwm_reset": reset,
                       "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                       "hidden": a.hidden_size, "blocks": a.num_blocks,

@@ -11,8 +11,10 @@ import time
 import torch
 from common import base_model, parse_with_dtype, plan, split
 
-from flexigpt import flexi_model as fm
-from flexigpt.train import lm_loss
+from flexigpt.model import flexi as fm
+from flexigpt.model.arch import arch_of
+from flexigpt.model.forward import compute_context
+from flexigpt.train import TrainSettings, lm_loss, select_trainable
 
 
 def step_time(model, params, ids, steps: int, dtype: str) -> float:
@@ -21,7 +23,7 @@ def step_time(model, params, ids, steps: int, dtype: str) -> float:
     times = []
     for i in range(steps + 1):  # first step is warm-up
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with compute_context(dtype, model):
             loss = lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
         loss.backward()
         opt.step()
@@ -41,16 +43,14 @@ def main() -> None:
 
     base, _ = base_model()
     pl = plan()
-    ids = split("train")[: a.micro]
+    ids = split("train", a.micro)
     tokens = ids.numel()
     torch.manual_seed(0)
     flexi = fm.build(copy.deepcopy(base), fm.prune_spec(pl.num_blocks, pl.base, fm.LoraSettings(rank=a.rank)))
-    from flexigpt.train import TrainSettings, select_trainable
-
     lora, norms = select_trainable(flexi, TrainSettings())
     t_flexi = step_time(flexi, [p for _, p in lora + norms], ids, a.steps, dtype)
     del flexi
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = arch_of(base).target_names()  # the linears FlexiGPT adapts, on every block
     dense = get_peft_model(copy.deepcopy(base), LoraConfig(r=a.rank, lora_alpha=a.rank, target_modules=targets))
     t_dense = step_time(dense, [p for p in dense.parameters() if p.requires_grad], ids, a.steps, dtype)
     short = fm.build(copy.deepcopy(base), fm.shortgpt_spec(pl.num_blocks, pl.pruned, fm.LoraSettings(rank=a.rank)))
@@ -58,7 +58,8 @@ def main() -> None:
     t_short = step_time(short, [p for _, p in lora_s], ids, a.steps, dtype)
     print(f"batch {a.micro} x {ids.shape[1]} tokens, rank {a.rank}, {dtype}, median of {a.steps} steps")
     print(f"{'model':28s} {'step s':>8s} {'tokens/s':>9s}")
-    for name, t in (("FlexiGPT", t_flexi), ("dense + PEFT LoRA (all 30)", t_dense), ("ShortGPT + LoRA", t_short)):
+    rows = (("FlexiGPT", t_flexi), (f"dense + PEFT LoRA (all {pl.num_blocks})", t_dense), ("ShortGPT + LoRA", t_short))
+    for name, t in rows:
         print(f"{name:28s} {t:8.2f} {tokens / t:9.0f}")
     print(f"\nFlexiGPT / dense-PEFT-LoRA step-time ratio = {t_flexi / t_dense:.3f} (target <= 1.10)")
 

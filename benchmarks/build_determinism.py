@@ -7,7 +7,7 @@ tensors that differ:
 * ``unseeded``: ``flexi_model.build`` alone, as the stage called it before issue 13;
 * ``seeded``: ``variants.build_variant``, which seeds torch from params ``seed`` before building.
 
-    python benchmarks/build_determinism.py            # needs artifacts/base_model and artifacts/plan (dvc repro)
+    python benchmarks/build_determinism.py            # needs paths.base_model and paths.plan (dvc repro)
 """
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ import copy
 import torch
 
 from common import ROOT  # noqa: F401  (puts the project on sys.path)
-from flexigpt import flexi_model as fm
+from flexigpt.model import flexi as fm
 from flexigpt import variants
 from flexigpt.config import Params
-from flexigpt.model_import import load_plain
-from flexigpt.plan import Plan
+from flexigpt.model.importer import load_plain
+from flexigpt.compress.plan import Plan
 
 
 def lora_tensors(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if fm.is_lora_param(n)}
 
 
 def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], part: str) -> tuple[int, int]:

@@ -1,45 +1,62 @@
-"""Shared loading for the benchmark scripts (they run from the project root after `dvc repro`)."""
+"""Shared loading for the benchmark scripts: the pipeline's artifacts, found where params.yaml's
+``paths.*`` puts them (run `dvc repro` first; each loader names the stage to run when one is missing)."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flexigpt.config import Params, data_dir  # noqa: E402
+from flexigpt.data.splits import load_split  # noqa: E402
+from flexigpt.errors import FlexiError  # noqa: E402
+
+PARAMS = Params.load(ROOT / "params.yaml")
+
+
+def path(key: str) -> Path:
+    """Where the pipeline writes ``paths.<key>`` (relative to the project root, as the stages run)."""
+    return ROOT / PARAMS.str(f"paths.{key}")
+
+
+def data_folder(p: Params = PARAMS) -> Path:
+    """The offline data folder (params ``data.dir``, relative to the project root)."""
+    return (ROOT / data_dir(p)).resolve()
+
 
 def base_model(dtype: str = "float32"):
-    from flexigpt.model_import import load_plain
+    from flexigpt.model.importer import load_plain
 
-    path = ROOT / "artifacts" / "base_model"
-    if not (path / "config.json").is_file():
-        sys.exit("no artifacts/base_model: run `dvc repro prepare_calibration` first")
-    return load_plain(path, dtype)
+    folder = path("base_model")
+    if not (folder / "config.json").is_file():
+        sys.exit(f"no model at {folder}: run `dvc repro import_model` first")
+    return load_plain(folder, dtype)
 
 
-def split(name: str) -> torch.Tensor:
-    f = ROOT / "artifacts" / "data" / f"{name}.safetensors"
-    if not f.is_file():
-        sys.exit(f"no {f}: run `dvc repro prepare_calibration` first")
-    return load_file(str(f))["input_ids"].long()
+def split(name: str, n: int | None = None) -> torch.Tensor:
+    """Split ``name`` (calibration | train | heldout), its first ``n`` sequences when given."""
+    try:
+        return load_split(path("data"), name, n)
+    except FlexiError as e:  # says to run `dvc repro prepare_calibration`
+        sys.exit(f"error: {e}")
 
 
 def plan():
-    from flexigpt.plan import Plan
+    from flexigpt.compress.plan import Plan
 
-    f = ROOT / "artifacts" / "plan" / "plan.json"
-    if not f.is_file():
-        sys.exit(f"no {f}: run `dvc repro prune` first")
-    return Plan.load(f)
+    try:
+        return Plan.load(path("plan"))
+    except FlexiError as e:  # says to run `dvc repro prune`
+        sys.exit(f"error: {e}")
 
 
 def parse_with_dtype(ap):
     """Add ``--dtype`` (auto | bfloat16 | float32) to ``ap``, parse, return (args, resolved dtype)."""
     from flexigpt.devices import resolve_dtype
 
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 only where the hardware has it natively) | bfloat16 | float32")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 only where the CPU has it natively) | bfloat16 | float32")
     a = ap.parse_args()
-    return a, resolve_dtype(a.dtype)
+    return a, resolve_dtype(a.dtype, "cpu")  # these benchmarks keep the model on the CPU

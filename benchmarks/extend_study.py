@@ -6,9 +6,9 @@ Three models per seed, all from the pipeline's artifacts and ``params.yaml`` wit
 the untouched base; the base continued-trained with LoRA of matching parameter count on every block
 (the fair baseline); and FlexiGPT-extended (``extend.*``: blocks 12..17 each repeated twice, own
 zero-init adapters and small-γ output norms on each repeat), trained on the same tokens. Prints
-heldout PPL (WikiText-2, 16 x 512), the validation-slice PPL of the training corpus, the paired
-per-seed differences, depth and parameter counts. Cells are cached under
-``benchmarks/results/extend`` (see harness.py).
+heldout PPL and WikiText-2 token PPL (the evaluate stage's, under harness.PROTOCOL), the
+validation-slice PPL of the training corpus, the paired per-seed differences, depth and parameter
+counts. Cells are cached under ``benchmarks/results/extend`` (see harness.py).
 """
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from pathlib import Path
 
 from harness import ROOT, emit, mean_std, params_for, run_cell
 
+from flexigpt import variants
+
 OUT = ROOT / "benchmarks" / "results" / "extend"
-EVALS = {"val", "heldout", "wt2", "cost"}
+EVALS = {"val", "suite"}
 
 
 def main() -> None:
@@ -34,7 +36,7 @@ def main() -> None:
     dense = run_cell("dense", {}, 0, EVALS, OUT)
     base = {s: run_cell("lora_baseline", over, s, EVALS, OUT) for s in a.seeds}
     ext = {s: run_cell("flexigpt", over, s, EVALS, OUT) for s in a.seeds}
-    e = p.section("extend")
+    e = variants.Recipe.from_params(p).extend
     rows = ["| model | depth | trainable | stored | heldout PPL | Δ vs base+LoRA (paired) | val PPL | Δ val (paired) "
             "| WikiText-2 PPL (2048) |", "|---|---|---|---|---|---|---|---|---|"]
 
@@ -47,13 +49,13 @@ def main() -> None:
         def paired(k: str) -> str:
             return "—" if ref is None else mean_std([100 * (many[s][k] / ref[s][k] - 1) for s in seeds]) + " %"
 
-        return (f"| {name} | {first['block_executions']} | {first.get('trainable_params', 0) / 1e6:.2f}M | "
-                f"{first['stored_params'] / 1e6:.1f}M | {stat('heldout_ppl')} | {paired('heldout_ppl')} | "
+        return (f"| {name} | {first['cost']['block_executions']} | {first.get('trainable_params', 0) / 1e6:.2f}M | "
+                f"{first['cost']['stored_params'] / 1e6:.1f}M | {stat('heldout_ppl')} | {paired('heldout_ppl')} | "
                 f"{stat('val_ppl')} | {paired('val_ppl')} | {stat('wikitext2_ppl_2048')} |")
 
-    rows.append(row("base (untouched)", {0: dense}))
-    rows.append(row("base + LoRA, matched params", base))
-    rows.append(row(f"FlexiGPT extended ({e['pattern']} {e['start']}..{e['end']} x{e['repeats']})", ext, base))
+    rows.append(row(variants.label("dense", p), {0: dense}))
+    rows.append(row(variants.label("lora_baseline", p), base))
+    rows.append(row(f"{variants.label('flexigpt', p)} ({e.pattern} {e.start}..{e.end} x{e.repeats})", ext, base))
     tokens = p.int("train.token_budget")
     rows.append(f"\n{tokens:,} training tokens per model (train split of the calibration corpus); mean ± std over "
                 f"seeds {a.seeds}; Δ = per-seed paired difference against base+LoRA. Time and latency overheads "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness import ROOT, emit, mean_std, params_for, run_cell
+from harness import ROOT, VAL_SEQS, emit, mean_std, params_for, protocol, run_cell
 
 OUT = ROOT / "benchmarks" / "results" / "recipes"
 # Each recipe is a set of params overrides on top of params.yaml; "paper" is the paper's reading:
@@ -41,19 +41,19 @@ def budget_overrides(mult: float) -> dict:
 
 
 def select(names: list[str], seed: int) -> None:
-    rows = [("ShortGPT+LoRA", run_cell("lora_baseline", BASELINE, seed, {"val", "cost"}, OUT)),
-            ("ShortGPT+LoRA r46 (params of kept_*)", run_cell("lora_baseline", BASELINE_MATCHED, seed, {"val", "cost"}, OUT))]
-    rows += [(n, run_cell("flexigpt", RECIPES[n], seed, {"val", "cost"}, OUT)) for n in names]
+    rows = [("ShortGPT+LoRA", run_cell("lora_baseline", BASELINE, seed, {"val"}, OUT)),
+            ("ShortGPT+LoRA r46 (params of kept_*)", run_cell("lora_baseline", BASELINE_MATCHED, seed, {"val"}, OUT))]
+    rows += [(n, run_cell("flexigpt", RECIPES[n], seed, {"val"}, OUT)) for n in names]
     print(f"\nRecipe selection: seed {seed}, default budget, PPL on {OUT.name} validation slice "
-          "(calibration split, first 32 x 512 tokens)\n")
+          f"(calibration split, first {VAL_SEQS} sequences)\n")
     print("| recipe | val PPL | trainable params | stored params | train s |\n|---|---|---|---|---|")
     for n, r in sorted(rows, key=lambda x: x[1]["val_ppl"]):
         print(f"| {n} | {r['val_ppl']:.2f} | {r.get('trainable_params', 0) / 1e6:.2f}M | "
-              f"{r['stored_params'] / 1e6:.1f}M | {r.get('train_wall_s', 0):.0f} |")
+              f"{r['cost']['stored_params'] / 1e6:.1f}M | {r.get('train_wall_s', 0):.0f} |")
 
 
 def report(recipes: list[str], seeds: list[int], budgets: list[float], matched: bool = False) -> str:
-    evals = {"val", "heldout", "wt2", "tasks", "cost"}
+    evals = {"val", "suite", "latency"}
     lines = ["| budget | model | trainable | WikiText-2 PPL (2048) | ΔPPL vs SG+LoRA (paired) | 5-task avg | "
              "Δavg (paired) | val PPL | heldout PPL | stored | latency |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -83,14 +83,14 @@ def report(recipes: list[str], seeds: list[int], budgets: list[float], matched: 
                 + ("—" if name == "ShortGPT+LoRA" else f"{mean_std(dppl)} %")
                 + f" | {mean_std(avg)} | " + ("—" if name == "ShortGPT+LoRA" else mean_std(davg))
                 + f" | {mean_std([cells[s]['val_ppl'] for s in seeds])} | "
-                f"{mean_std([cells[s]['heldout_ppl'] for s in seeds])} | {c['stored_params'] / 1e6:.1f}M | "
+                f"{mean_std([cells[s]['heldout_ppl'] for s in seeds])} | {c['cost']['stored_params'] / 1e6:.1f}M | "
                 f"{100 * c['latency_s'] / dense['latency_s']:.0f}% |")
     lines.append(f"| — | dense | — | {dense['wikitext2_ppl_2048']:.2f} | — | {dense['paper_avg']:.2f} | — | "
-                 f"{dense['val_ppl']:.2f} | {dense['heldout_ppl']:.2f} | {dense['stored_params'] / 1e6:.1f}M | 100% |")
+                 f"{dense['val_ppl']:.2f} | {dense['heldout_ppl']:.2f} | {dense['cost']['stored_params'] / 1e6:.1f}M | 100% |")
     n = len(seeds)
     lines.append(f"\nmean ± std over {n} training seeds {seeds}; Δ = per-seed paired difference against ShortGPT+LoRA "
-                 f"(ΔPPL in %, Δavg in points). 5-task avg: {params_for({}).get('evaluate.limit')} docs per task "
-                 "(stderr ≈ 7 points per task). Latency: forward of 1 x 512 tokens vs dense.")
+                 f"(ΔPPL in %, Δavg in points). 5-task avg: {protocol(params_for({})).limit} docs per task "
+                 "(stderr ≈ 7 points per task). Latency: forward of 1 heldout sequence vs dense.")
     return "\n".join(lines)
 
 

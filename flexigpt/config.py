@@ -1,19 +1,23 @@
-"""params.yaml access with validation.
+"""params.yaml access and the typed settings built from it.
 
-``params.yaml`` is the single source of truth. Stages read it through :class:`Params`, whose
-typed getters validate each key and raise :class:`~flexigpt.errors.FlexiError` naming the key
-and the fix, before any heavy work starts.
+``params.yaml`` is the single source of truth. Each section has one :class:`Settings` dataclass
+(in the phase that uses it, as litgpt's ``args.py``) whose fields are the schema: type, default,
+bounds, choices and help. ``SomeSettings.from_params(params)`` validates the whole section once,
+before any heavy work, and raises :class:`~flexigpt.errors.FlexiError` naming the key and the fix
+(unknown keys included, with the nearest known name).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from .errors import FlexiError
+from flexigpt.errors import FlexiError
 
 _MISSING = object()
 
@@ -134,6 +138,126 @@ def check_float(key: str, v: Any, *, min: float | None = None, max: float | None
     return v
 
 
+# -- typed settings ------------------------------------------------------------------------------
+
+S = TypeVar("S", bound="Settings")
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, type: Any = None, choices: Any = None,
+            min: float | None = None, max: float | None = None, min_exclusive: bool = False,
+            nullable: bool = False) -> Any:
+    """A settings field: its default, help text and the checks ``from_params`` applies.
+
+    ``type`` is ``int``, ``float``, ``str``, ``bool``, ``list`` or ``dict`` (inferred from the
+    default when omitted); ``choices`` a tuple of allowed values, or a callable returning them
+    (for registries filled at import time); ``nullable`` admits ``null``.
+    """
+    kind = type if type is not None else builtins_type(default)
+    meta = {"help": help, "type": kind, "choices": choices, "min": min, "max": max,
+            "min_exclusive": min_exclusive, "nullable": nullable or default is None}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def builtins_type(default: Any) -> Any:
+    if default is dataclasses.MISSING or default is None:
+        raise TypeError("setting() needs type= when the default is missing or None")
+    return default.__class__
+
+
+def check_value(key: str, v: Any, meta: dict[str, Any]) -> Any:
+    """One value against its field's metadata (see :func:`setting`)."""
+    if v is None:
+        if meta["nullable"]:
+            return None
+        raise FlexiError(key, "must be set (null is not allowed here)", f"give `{key}` a value")
+    kind = meta["type"]
+    if kind is int:
+        v = check_int(key, v, min=meta["min"], max=meta["max"])
+        if meta["min_exclusive"] and meta["min"] is not None and v <= meta["min"]:
+            raise FlexiError(key, f"must be > {meta['min']}, got {v}", f"set `{key}` above {meta['min']}")
+    elif kind is float:
+        v = check_float(key, v, min=meta["min"], max=meta["max"], min_exclusive=meta["min_exclusive"])
+    elif kind is bool:
+        if not isinstance(v, bool):
+            raise FlexiError(key, f"must be true or false, got {v!r}", f"set `{key}: true` or `false`")
+    elif kind is str:
+        if not isinstance(v, str) or not v:
+            raise FlexiError(key, f"must be a non-empty string, got {v!r}", f"set `{key}` to text")
+    elif kind is list:
+        if not isinstance(v, list):
+            raise FlexiError(key, f"must be a list, got {v!r}", f"write `{key}: [a, b]`")
+    elif kind is dict:
+        if not isinstance(v, dict):
+            raise FlexiError(key, f"must be a group of keys, got {v!r}", f"write `{key}:` followed by indented keys")
+    choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+    if choices is not None and v not in choices:
+        raise FlexiError(key, f"unknown value {v!r}", f"use one of: {', '.join(map(str, choices))}")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Base of a params.yaml section's settings; subclasses set ``SECTION`` and declare fields.
+
+    ``SECTION = ""`` reads top-level keys (only the declared ones; other sections are ignored).
+    Override :meth:`check` for checks across fields.
+    """
+
+    SECTION: ClassVar[str] = ""
+
+    @classmethod
+    def from_params(cls: type[S], params: "Params") -> S:
+        """Build and validate from ``params`` (every key checked, unknown keys refused)."""
+        prefix = f"{cls.SECTION}." if cls.SECTION else ""
+        data = params.section(cls.SECTION) if cls.SECTION else params.data
+        names = [f.name for f in dataclasses.fields(cls)]
+        if cls.SECTION:
+            for k in data:
+                if k not in names:
+                    near = difflib.get_close_matches(str(k), names, n=1)
+                    raise FlexiError(f"{prefix}{k}", f"is not a setting of `{cls.SECTION}`",
+                                     f"did you mean `{prefix}{near[0]}`?" if near else
+                                     f"remove it; known keys: {', '.join(names)}")
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise FlexiError(f"{prefix}{missing[0]}", f"missing from {params.path}",
+                             f"add `{prefix}{missing[0]}` to {params.path}")
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        """Validate every field (built from params or directly), normalise it, then :meth:`check`."""
+        prefix = f"{self.SECTION}." if self.SECTION else ""
+        for f in dataclasses.fields(self):
+            if "type" in f.metadata:
+                object.__setattr__(self, f.name, check_value(f"{prefix}{f.name}", getattr(self, f.name), f.metadata))
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields (after each field passed its own); raise FlexiError."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """``{key: help text}`` of every field (for docs and tests)."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+# -- the sections that belong to no phase ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings(Settings):
+    """Where the offline data lives (params ``data.*``)."""
+
+    SECTION = "data"
+    dir: str = setting("../shared/data", "offline data folder: absolute, or relative to the project root")
+
+
 DATA_DIR_ENV = "FLEXIGPT_DATA_DIR"
 
 
@@ -149,7 +273,4 @@ def data_dir(params: Params) -> Path:
                          "only from params `data.dir`, so that DVC can see which data a result used",
                          f"unset {DATA_DIR_ENV} and set the folder with `dvc exp run -S data.dir=PATH` "
                          "(or edit data.dir in params.yaml)")
-    d = params.get("data.dir")
-    if not isinstance(d, str) or not d:
-        raise FlexiError("data.dir", f"must be a folder path, got {d!r}", "set data.dir to e.g. ../shared/data")
-    return Path(d).expanduser()
+    return Path(DataSettings.from_params(params).dir).expanduser()

@@ -1,11 +1,15 @@
-"""Where and how a stage computes: dtype, thread count, and a record of the machine that ran it.
+"""The one device and precision policy: where a stage computes, in which dtype, on how many threads.
 
-``auto`` dtype = bf16 where the hardware runs it natively, else float32: on CPUs without
-AVX512-BF16/AMX, bf16 autocast is emulated and about 2.5x slower than float32 while perplexity
-agrees within 0.02% (measured by ``benchmarks/bench_importance.py`` part a).
+* Device (``compute.device``): ``auto`` = CUDA when a GPU is visible, else CPU. Every stage moves
+  its model there (:func:`place`); :func:`flexigpt.model.forward.compute_context` autocasts on
+  that device's type, so the same code runs on CPU and CUDA.
+* Compute dtype (``*.dtype``): ``auto`` = bfloat16 where the device runs it natively (CUDA with
+  bf16, CPUs with AVX512-BF16/AMX), else float32. On other CPUs bf16 is emulated and slower with
+  no accuracy gain (``benchmarks/bench_importance.py``, part a). ``auto`` never picks float16:
+  evaluation and scoring run float32 or bfloat16 only; training may ask for float16 explicitly.
 
-Bits depend on the thread count (BLAS reduction order) and on the dtype, so both are settings
-(``compute.threads``, ``*.dtype``) and both are recorded with every stage's metrics.
+Bits depend on the device, the thread count (BLAS reduction order) and the dtype, so all three are
+settings and all three are recorded with every stage's metrics (:func:`runtime_info`).
 """
 from __future__ import annotations
 
@@ -14,9 +18,46 @@ import platform
 from functools import lru_cache
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 
-from .errors import FlexiError
+from flexigpt.config import Settings, setting
+from flexigpt.errors import FlexiError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ComputeSettings(Settings):
+    """How stages compute (params ``compute.*``); results depend on it bit for bit."""
+
+    SECTION = "compute"
+    threads: int | None = setting(None, "intra-op CPU threads per process; null = cores / local processes",
+                                  type=int, min=1)
+    device: str = setting("auto", "auto (cuda when visible, else cpu) | cpu | cuda", choices=DEVICES)
+
+    def check(self) -> None:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise FlexiError("compute.device", "is cuda, but torch sees no CUDA device here",
+                             "set `compute.device: auto` (or cpu), or run on a machine with a GPU")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu`` (the local rank's GPU under a launcher)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count()))
+    return torch.device(name)
+
+
+def place(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """Move ``model`` to ``device`` (no-op when it is there) and return it."""
+    device = torch.device(device)
+    if next(model.parameters()).device != device:
+        model.to(device)
+    return model
 
 
 @lru_cache(maxsize=1)
@@ -28,12 +69,13 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name: str) -> str:
-    """``auto`` -> ``bfloat16`` on GPUs with bf16 or CPUs with native bf16, else ``float32``."""
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> str:
+    """``auto`` -> ``bfloat16`` where ``device`` (default: the ``auto`` device) runs it natively, else ``float32``."""
     if name != "auto":
         return name
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    kind = torch.device(device).type if device is not None else resolve_device("auto").type
+    if kind == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
@@ -73,11 +115,12 @@ def processor_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def runtime_info(dtype: str | None = None) -> dict[str, object]:
+def runtime_info(dtype: str | None = None, device: torch.device | str | None = None) -> dict[str, object]:
     """What the results depend on besides code, params and data: device, dtype, threads, hardware."""
-    cuda = torch.cuda.is_available()
+    dev = torch.device(device) if device is not None else resolve_device("auto")
+    cuda = dev.type == "cuda"
     info: dict[str, object] = {
-        "device": "cuda" if cuda else "cpu",
+        "device": dev.type,
         "device_name": torch.cuda.get_device_name(0) if cuda else processor_name(),
         "cpu": processor_name(),
         "threads": torch.get_num_threads(),
@@ -85,5 +128,5 @@ def runtime_info(dtype: str | None = None) -> dict[str, object]:
         "torch": torch.__version__,
     }
     if dtype is not None:
-        info["dtype"] = resolve_dtype(dtype)
+        info["dtype"] = resolve_dtype(dtype, dev)
     return info

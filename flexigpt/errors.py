@@ -12,8 +12,3 @@ class FlexiError(Exception):
         self.param, self.problem, self.fix = param, problem, fix
         super().__init__(f"{param}: {problem}\n  fix: {fix}")
 
-
-def require(cond: bool, param: str, problem: str, fix: str) -> None:
-    """Raise :class:`FlexiError` unless ``cond`` holds."""
-    if not cond:
-        raise FlexiError(param, problem, fix)

@@ -88,6 +88,3 @@ def write_json(dest: str | os.PathLike, obj: Any) -> None:
     with atomic_file(dest) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
-
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())

@@ -10,6 +10,7 @@ against the dense teacher's logits.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,63 +26,67 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .arch import get_adapter
-from .errors import FlexiError
-from .fileio import atomic_dir
+from flexigpt.model.arch import arch_of
+from flexigpt.model.flexi import is_lora_param, is_output_norm_param, spec_of
+from flexigpt.config import Settings, setting
+from flexigpt.devices import resolve_device, resolve_dtype
+from flexigpt.errors import FlexiError
+from flexigpt.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-@dataclass
-class TrainSettings:
-    """Optimisation settings (params.yaml ``train.*``)."""
+@dataclass(frozen=True)
+class TrainSettings(Settings):
+    """Optimisation settings (params ``train.*``); the fields are the schema."""
 
-    lr: float = field(default=4e-3, metadata={"help": "peak learning rate of adapters (paper: 4e-3)"})
-    norm_lr_mult: float = field(default=1.0, metadata={"help": "lr multiplier for output-norm γ and pre-norms"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (adapters only)"})
-    optimizer: str = field(default="adamw", metadata={"help": "optimizer: adamw"})
-    schedule: str = field(default="cosine", metadata={"help": "lr schedule after warmup: cosine | linear | constant"})
-    warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
-    batch_size: int = field(default=8, metadata={"help": "global batch, sequences per optimizer step"})
-    micro_batch: int = field(default=4, metadata={"help": "sequences per forward pass per process"})
-    token_budget: int = field(default=262144, metadata={"help": "training tokens; steps = budget // (batch*seq_len)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
-    seed: int = field(default=0, metadata={"help": "data-order seed"})
-    dtype: str = field(default="auto", metadata={"help": "autocast dtype: auto | bfloat16 | float16 (GPU) | float32"})
-    train_prenorms: bool = field(default=False, metadata={"help": "also train replaced blocks' pre-norms"})
-    unfreeze_all: bool = field(default=False, metadata={"help": "train every parameter (full fine-tuning)"})
-    kd_weight: float = field(default=0.0, metadata={"help": "weight of the KL distillation term (0 = off)"})
-    kd_temperature: float = field(default=1.0, metadata={"help": "distillation temperature T"})
-    checkpoint_every: int = field(default=16, metadata={"help": "steps between atomic checkpoints (0 = off)"})
+    SECTION = "train"
+    lr: float = setting(4e-3, "peak learning rate of adapters (paper: 4e-3)", min=0.0, min_exclusive=True)
+    norm_lr_mult: float = setting(10.0, "lr multiplier for output-norm γ and pre-norms", min=0.0, min_exclusive=True)
+    weight_decay: float = setting(0.0, "AdamW weight decay (adapters only)", min=0.0)
+    optimizer: str = setting("adamw", "optimizer", choices=OPTIMIZERS)
+    schedule: str = setting("cosine", "lr schedule after warmup", choices=SCHEDULES)
+    warmup_steps: int = setting(2, "linear warmup, optimizer steps", min=0)
+    min_lr_ratio: float = setting(0.1, "final lr as a fraction of the peak", min=0.0, max=1.0)
+    batch_size: int = setting(8, "global batch, sequences per optimizer step", min=1)
+    micro_batch: int = setting(4, "sequences per forward pass per process", min=1)
+    token_budget: int = setting(24576, "training tokens; steps = budget // (batch x seq_len)", min=1)
+    grad_clip: float = setting(1.0, "max global grad norm (0 = off)", min=0.0)
+    seed: int = setting(0, "data-order seed; when `train.seed` is absent, params `seed` is used", min=0)
+    dtype: str = setting("auto", "autocast dtype", choices=("auto", "bfloat16", "float16", "float32"))
+    train_prenorms: bool = setting(False, "also train replaced blocks' pre-norms")
+    unfreeze_all: bool = setting(False, "train every parameter (full fine-tuning)")
+    kd_weight: float = setting(0.0, "weight of the KL distillation term (0 = off)", min=0.0)
+    kd_temperature: float = setting(1.0, "distillation temperature T", min=0.0, min_exclusive=True)
+    checkpoint_every: int = setting(16, "steps between atomic checkpoints (0 = off)", min=0)
+    resume: bool = setting(True, "continue from the scratch checkpoint after an interruption")
+
+    @classmethod
+    def from_params(cls, p) -> "TrainSettings":
+        """``train.*``, with the seed from ``train.seed`` if set, else the top-level ``seed``."""
+        s = super().from_params(p)
+        if "seed" not in p.section("train"):
+            s = dataclasses.replace(s, seed=p.int("seed", min=0))
+        return s
+
+
+@dataclass(frozen=True)
+class TrainLaunchSettings(Settings):
+    """How the train stages are launched (params ``train_launch.*``, read by dvc.yaml's cmd)."""
+
+    SECTION = "train_launch"
+    config: str = setting("configs/accelerate_single.yaml", "accelerate config: single process, CPU DDP or FSDP")
 
 
 def settings_from_params(p) -> TrainSettings:
-    """``TrainSettings`` from the ``train.*`` params; the seed is ``train.seed`` if set, else ``seed``."""
-    s = TrainSettings()
-    section = p.section("train")
-    for f in fields(TrainSettings):
-        if f.name in section:
-            setattr(s, f.name, section[f.name])
-    s.seed = p.int("train.seed", min=0) if "seed" in section else p.int("seed", min=0)
-    return s
+    """Alias of :meth:`TrainSettings.from_params`."""
+    return TrainSettings.from_params(p)
 
 
 def validate(s: TrainSettings, n_train: int, seq_len: int, world: int = 1) -> int:
-    """Check settings against the train split; return the number of optimizer steps."""
-    if not (isinstance(s.lr, (int, float)) and s.lr > 0 and math.isfinite(s.lr)):
-        raise FlexiError("train.lr", f"must be > 0, got {s.lr}", "use e.g. 4e-3 (paper) or 1e-3")
-    if s.optimizer not in OPTIMIZERS:
-        raise FlexiError("train.optimizer", f"unknown optimizer {s.optimizer!r}", f"use one of {list(OPTIMIZERS)}")
-    if s.schedule not in SCHEDULES:
-        raise FlexiError("train.schedule", f"unknown schedule {s.schedule!r}", f"use one of {list(SCHEDULES)}")
-    if s.dtype not in ("auto", "bfloat16", "float16", "float32"):
-        raise FlexiError("train.dtype", f"unknown dtype {s.dtype!r}", "use auto, bfloat16, float16 (GPU) or float32")
-    for k in ("batch_size", "micro_batch", "token_budget"):
-        if not isinstance(getattr(s, k), int) or getattr(s, k) < 1:
-            raise FlexiError(f"train.{k}", f"must be a positive integer, got {getattr(s, k)!r}", "set a positive integer")
+    """Check settings against the train split and process count; return the number of optimizer steps."""
     if s.batch_size % (s.micro_batch * world):
         raise FlexiError("train.batch_size", f"{s.batch_size} is not a multiple of micro_batch x processes "
                          f"({s.micro_batch} x {world})", "make batch_size divisible by micro_batch x num_processes")
@@ -92,27 +97,22 @@ def validate(s: TrainSettings, n_train: int, seq_len: int, world: int = 1) -> in
     if s.token_budget < tokens_per_step:
         raise FlexiError("train.token_budget", f"{s.token_budget} tokens is less than one batch "
                          f"({s.batch_size} x {seq_len} = {tokens_per_step})", f"set it to at least {tokens_per_step}")
-    if s.kd_weight < 0 or s.kd_temperature <= 0:
-        raise FlexiError("train.kd_weight", "kd_weight must be >= 0 and kd_temperature > 0", "fix the two values")
-    if s.warmup_steps < 0 or not 0 <= s.min_lr_ratio <= 1 or s.norm_lr_mult <= 0:
-        raise FlexiError("train.warmup_steps", "warmup_steps >= 0, min_lr_ratio in [0, 1], norm_lr_mult > 0 required",
-                         "fix the values")
     return s.token_budget // tokens_per_step
 
 
 # -- what trains -----------------------------------------------------------------------------------
 
 def select_trainable(model: nn.Module, s: TrainSettings) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
-    """Freeze everything but adapters (+ γ, + replaced pre-norms if asked); return (adapter, norm) params."""
-    spec = getattr(model, "flexigpt_spec", None)
-    adapter = get_adapter(model)
+    """Freeze everything but adapters (+ γ, + replaced pre-norms if asked); return (arch, norm) params."""
+    spec = spec_of(model)
+    arch = arch_of(model)
     prenorm_ids: set[int] = set()
     if s.train_prenorms and spec is not None:
-        prenorm_ids = {id(p) for pos in spec.replaced for n in adapter.norms(pos).values() for p in n.parameters()}
+        prenorm_ids = {id(p) for pos in spec.replaced for n in arch.norms(pos).values() for p in n.parameters()}
     lora, norms = [], []
     for name, p in model.named_parameters():
-        is_norm = "flexi_" in name or id(p) in prenorm_ids
-        train = s.unfreeze_all or "lora_" in name or is_norm
+        is_norm = is_output_norm_param(name) or id(p) in prenorm_ids
+        train = s.unfreeze_all or is_lora_param(name) or is_norm
         p.requires_grad_(train)
         if train:
             (norms if is_norm or (s.unfreeze_all and p.ndim == 1) else lora).append((name, p))
@@ -165,8 +165,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Ten
 # -- checkpoints -----------------------------------------------------------------------------------
 
 def spec_hash(model: nn.Module) -> str:
-    spec = getattr(model, "flexigpt_spec", None)
-    blob = json.dumps(spec.to_dict() if spec is not None else {"dense": model.config.num_hidden_layers}, sort_keys=True)
+    spec = spec_of(model)
+    blob = json.dumps(spec.to_dict() if spec is not None else {"dense": arch_of(model).num_blocks}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -190,7 +190,7 @@ def save_checkpoint(path: Path, named: dict[str, nn.Parameter], opt: torch.optim
 
 
 def settings_hash(s: TrainSettings, n_train: int) -> str:
-    keep = {k: v for k, v in asdict(s).items() if k != "checkpoint_every"}
+    keep = {k: v for k, v in asdict(s).items() if k not in ("checkpoint_every", "resume")}
     return hashlib.sha256(json.dumps({**keep, "n_train": n_train}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -233,20 +233,19 @@ class TrainResult:
         return {k: v for k, v in asdict(self).items() if k != "history"}
 
 
-def _mixed_precision(dtype: str) -> str:
-    from .devices import resolve_dtype
-
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[resolve_dtype(dtype)]
+def _mixed_precision(dtype: str, device: torch.device) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[resolve_dtype(dtype, device)]
 
 
 def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teacher: nn.Module | None = None,
           ckpt_dir: str | os.PathLike | None = None, resume: bool = True,
-          on_step: Callable[[dict], None] | None = None, accelerator=None) -> TrainResult:
+          on_step: Callable[[dict], None] | None = None, accelerator=None, device: str = "auto") -> TrainResult:
     """Train ``model``'s adapters (+norms) on ``train_ids`` [N, T] for ``s.token_budget`` tokens."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    acc = accelerator or Accelerator(mixed_precision=_mixed_precision(s.dtype), cpu=not torch.cuda.is_available())
+    dev = resolve_device(device)  # Accelerate places the model: the GPU of this rank, or the CPU
+    acc = accelerator or Accelerator(mixed_precision=_mixed_precision(s.dtype, dev), cpu=dev.type == "cpu")
     world, rank = acc.num_processes, acc.process_index
     n, seq_len = train_ids.shape
     total = validate(s, n, seq_len, world)
@@ -328,6 +327,55 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teache
     done = total - start
     return TrainResult(total, tokens_seen, history[-1]["loss"] if history else float("nan"), wall,
                        done * s.batch_size * seq_len / max(wall, 1e-9), history)
+
+
+@dataclass
+class TrainOutput:
+    """What the train stage writes: metrics (results), wall-clock figures (run record), the loss curve."""
+
+    metrics: dict
+    timing: dict
+    history: list[dict]
+
+    def curve_csv(self) -> str:
+        cols = ("step", "loss", "lr", "grad_norm", "tokens_seen")  # no wall-clock column: the curve is a result
+        rows = [",".join(cols)] + [",".join(repr(rec[k]) for k in cols) for rec in self.history]
+        return "\n".join(rows) + "\n"
+
+
+def train_variant(variant: str, r, s: TrainSettings, paths: dict[str, Path], *, device: str = "auto",
+                  on_step: Callable[[dict], None] | None = None) -> TrainOutput:
+    """The train step: check, load the variant's start, train, measure heldout PPL, save it compact.
+
+    ``r`` is the :class:`~flexigpt.variants.Recipe`; ``paths`` holds ``base_model``, ``plan``,
+    ``flexigpt_init``, ``data``, ``trained`` and ``checkpoints``. Every check runs before weights load.
+    On the non-main processes of a launch it returns after training, with empty metrics.
+    """
+    from flexigpt import variants
+    from flexigpt.data.splits import load_split
+    from flexigpt.model import checkpoint
+    from flexigpt.model.forward import mean_nll
+
+    variants.check_training(variant, r, paths["base_model"], paths["plan"])
+    ids = load_split(paths["data"], "train")
+    validate(s, ids.shape[0], ids.shape[1], int(os.environ.get("WORLD_SIZE", "1")))  # before any weights load
+    model, base, tok = variants.training_start(variant, r, paths["base_model"], paths["plan"], paths["flexigpt_init"])
+    teacher = base if s.kd_weight > 0 else None
+    del base
+    res = train(model, ids, s, teacher=teacher, ckpt_dir=Path(paths["checkpoints"]) / variant, resume=s.resume,
+                on_step=on_step, device=device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return TrainOutput({}, {}, res.history)
+    dtype = resolve_dtype(s.dtype, device)
+    heldout = load_split(paths["data"], "heldout")
+    ppl = math.exp(mean_nll(model, heldout, batch_size=s.micro_batch, progress=True,
+                            dtype="float32" if dtype == "float16" else dtype))  # fp16 trains; PPL is not taken in it
+    checkpoint.save(model.to("cpu"), Path(paths["trained"]) / variant, tokenizer=tok)
+    result = res.to_dict()
+    timing = {"train_s": round(result.pop("wall_s"), 2), "tokens_per_s": round(result.pop("tokens_per_s"), 1)}
+    metrics = {**result, "heldout_ppl": ppl, "variant": variant, "mode": r.mode, "seed": s.seed,
+               "trainable_params": sum(t.numel() for t in model.parameters() if t.requires_grad)}
+    return TrainOutput(metrics, timing, res.history)
 
 
 def _ckpt_step(ckpt: Path | None) -> int | None:

@@ -15,7 +15,7 @@ if (ROOT / "flexigpt" / "__init__.py").is_file():
     sys.path.insert(0, str(ROOT))
 
 try:
-    import flexigpt.stagekit  # noqa: F401  (pulls in torch and the rest of the runtime)
+    import flexigpt.pipeline.stagekit  # noqa: F401  (pulls in torch and the rest of the runtime)
 except ImportError as e:
     sys.exit(f"error: {sys.executable} cannot import flexigpt's runtime ({e}).\n"
              "  fix: run `make repro` (it sets up .venv and uses it), or `make setup && source .venv/bin/activate` "

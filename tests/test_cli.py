@@ -4,7 +4,7 @@ import sys
 
 import yaml
 
-from flexigpt.cli import preset_flags
+from flexigpt.pipeline.cli import preset_flags
 from helpers import ROOT
 
 
@@ -26,7 +26,7 @@ def test_shipped_presets_parse():
 
 
 def test_help_lists_every_stage():
-    out = subprocess.run([sys.executable, "-m", "flexigpt.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "flexigpt.pipeline.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
     for stage in ("import-model", "prepare-calibration", "score-importance", "prune", "svd-init",
                   "train-adapters", "evaluate", "lineage", "preset"):

@@ -131,10 +131,10 @@ def test_closure_sees_function_level_imports(tmp_path):
     """The check must fail on a miss: a function-level import of a module is part of the closure."""
     need = closure(ROOT / "stages" / "evaluate.py")
     # lineage.py is reached only through imports inside functions (stage_main -> tracking -> lineage)
-    assert {"flexigpt/lineage.py", "flexigpt/devices.py", "stages/_env.py", "flexigpt/__init__.py"} <= need
-    assert "flexigpt/importance.py" not in need  # evaluation runs no compression code
-    assert not _covered("flexigpt/lineage.py", ["flexigpt/tracking.py", "stages/evaluate.py"])
-    assert _covered("flexigpt/lineage.py", ["flexigpt"])
+    assert {"flexigpt/track/lineage.py", "flexigpt/devices.py", "stages/_env.py", "flexigpt/__init__.py"} <= need
+    assert "flexigpt/compress/importance.py" not in need  # evaluation runs no compression code
+    assert not _covered("flexigpt/track/lineage.py", ["flexigpt/track/tracking.py", "stages/evaluate.py"])
+    assert _covered("flexigpt/track/lineage.py", ["flexigpt"])
 
 
 def test_lock_holds_only_stages_of_dvc_yaml():

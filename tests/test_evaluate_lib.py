@@ -17,9 +17,9 @@ import yaml
 from conftest import make_tiny_llama, make_tiny_opt
 from helpers import WORDS, make_tokenizer
 
-from flexigpt import cost, lm_tasks, perplexity
-from flexigpt.arch import get_adapter
-from flexigpt import flexi_model as fm
+from flexigpt.evaluate import cost, lm_tasks, perplexity
+from flexigpt.model.arch import arch_of
+from flexigpt.model import flexi as fm
 from flexigpt.errors import FlexiError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -139,25 +139,6 @@ def test_paper_average_needs_all_five():
         lm_tasks.paper_average(part)
 
 
-def test_flatten_metrics_strips_suffixes():
-    flat = lm_tasks.flatten_metrics(RAW)
-    assert flat["arc_easy.acc_norm"] == 0.40 and flat["arc_easy.acc_norm_stderr"] == 0.02
-    assert flat["winogrande.acc"] == 0.55 and "winogrande.acc_norm" not in flat
-    assert "arc_challenge.acc_stderr" not in flat  # "N/A" dropped
-    assert not any("," in k or "alias" in k or "sample_len" in k for k in flat)
-    assert all(isinstance(v, float) for v in flat.values())
-
-
-def test_retained_percent():
-    dense = {"tasks": {"arc_easy": {"acc_norm": 0.80}, "arc_challenge": {"acc_norm": 0.60},
-                       "piqa": {"acc_norm": 0.70}, "winogrande": {"acc": 0.55}, "hellaswag": {"acc_norm": 0.90},
-                       "boolq": {"acc": 0.50}}}
-    r = lm_tasks.retained(RAW, dense)
-    assert r["arc_easy"] == pytest.approx(50.0) and r["hellaswag"] == pytest.approx(50.0)
-    assert r["winogrande"] == pytest.approx(100.0) and r["boolq"] == pytest.approx(198.0)
-    assert r["paper_average"] == pytest.approx(100 * 0.48 / ((0.8 + 0.6 + 0.7 + 0.55 + 0.9) / 5))
-
-
 # -- bad inputs ----------------------------------------------------------------------------------------
 
 def test_unknown_task_lists_valid_ones(tmp_path):
@@ -269,8 +250,6 @@ def test_run_zero_shot_tiny_flexi_model(tmp_path):
     json.dumps(r, allow_nan=False)  # the whole result, raw lm-eval output included, is plain JSON
     assert r["raw"]["results"]["piqa_local"]["acc,none"] == r["tasks"]["piqa"]["acc"]
     assert (tmp_path / "yaml" / "piqa_local.yaml").is_file()
-    flat = lm_tasks.flatten_metrics(r)
-    assert {"arc_easy.acc", "arc_easy.acc_norm", "piqa.acc", "piqa.acc_norm"} <= set(flat)
 
 
 # -- cost ---------------------------------------------------------------------------------------------
@@ -286,8 +265,8 @@ def test_cost_dense_flexi_shortgpt(make):
     assert cd.flops_per_token == 2 * (n_all - cd.embedding_params + head)
     flexi = fm.build(copy.deepcopy(dense), fm.prune_spec(L, {2: 1}, fm.LoraSettings(rank=4)))
     cf = cost.count_cost(flexi)
-    shared = sum(w.numel() for w in get_adapter(flexi).weights(1).values())
-    shared += sum(m.bias.numel() for m in get_adapter(flexi).linears(1).values()
+    shared = sum(w.numel() for w in arch_of(flexi).weights(1).values())
+    shared += sum(m.bias.numel() for m in arch_of(flexi).linears(1).values()
                   if getattr(getattr(m, "base_layer", m), "bias", None) is not None)
     assert cf.total_params - cf.stored_params == shared
     assert cf.adapter_params > 0 and cf.total_params == cd.total_params + cf.adapter_params

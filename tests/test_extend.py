@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama, make_tiny_opt
-from flexigpt import compact
-from flexigpt import flexi_model as fm
-from flexigpt.arch import get_adapter
+from flexigpt.model import checkpoint as compact
+from flexigpt.model import flexi as fm
+from flexigpt.model.arch import arch_of
 from flexigpt.errors import FlexiError
 
 
@@ -39,7 +39,7 @@ def test_repeats_share_storage_and_roundtrip(tmp_path, tokens):
     base = make_tiny_llama()
     spec = fm.extend_spec(6, 2, 3, "block", 2, fm.LoraSettings(rank=4), gamma_init=0.1)
     ext = fm.build(copy.deepcopy(base), spec)
-    a = get_adapter(ext)
+    a = arch_of(ext)
     for p in spec.replaced:
         src = spec.sources[p]
         first = spec.sources.index(src)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_llama
-from flexigpt import flexi_model as fm
+from flexigpt.model import flexi as fm
 from flexigpt.config import Params
 from flexigpt.errors import FlexiError
 from flexigpt.variants import applicable, build_variant, matched_rank, spec_for

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flexigpt import compact
-from flexigpt import flexi_model as fm
-from flexigpt.arch import get_adapter
+from flexigpt.model import checkpoint as compact
+from flexigpt.model import flexi as fm
+from flexigpt.model.arch import arch_of
 from flexigpt.errors import FlexiError
 from conftest import make_tiny_llama, make_tiny_opt
 
@@ -59,7 +59,7 @@ def test_gamma_zero_reproduces_shortgpt(family, tokens):
 
 def test_shared_storage_and_optimizer_sees_each_tensor_once():
     m = fm.build(full_rank_llama(), fm.prune_spec(6, {2: 1, 4: 5}, fm.LoraSettings(rank=4)))
-    a = get_adapter(m)
+    a = arch_of(m)
     for p, s in ((2, 1), (4, 5)):
         for (n, wp), ws in zip(a.weights(p).items(), a.weights(s).values()):
             assert wp.data_ptr() == ws.data_ptr(), n

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from flexigpt import model_import as mi
+from flexigpt.model import importer as mi
 from helpers import save_tiny_model_dir
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import runpy
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import ROOT, make_tiny_llama, make_tiny_opt
-from flexigpt import importance as imp
-from flexigpt.arch import get_adapter
+from conftest import make_tiny_llama, make_tiny_opt
+from flexigpt.compress import importance as imp
+from flexigpt.model.arch import arch_of
 from flexigpt.config import Params
 from flexigpt.errors import FlexiError
-from flexigpt.stagekit import StageContext
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _no_final_norm(model):
     """The same model with its final norm replaced by identity (so hidden_states[-1] is raw)."""
-    a = get_adapter(model)
+    a = arch_of(model)
     parent, _, attr = a.final_norm_path.rpartition(".")
     setattr(model.get_submodule(parent), attr, nn.Identity())
     return model
@@ -76,7 +74,7 @@ def test_bf16_autocast_is_close_to_float32(tiny_llama, tokens):
 
 
 def test_hooks_are_removed_and_nothing_is_held(tiny_llama, tokens):
-    a = get_adapter(tiny_llama)
+    a = arch_of(tiny_llama)
     sums = imp.CosineSums(a.num_blocks)
     with imp.cosine_hooks(a, sums):
         assert all(len(b._forward_pre_hooks) == 1 and len(b._forward_hooks) == 1 for b in a.blocks())
@@ -118,7 +116,7 @@ def test_tuple_block_outputs_use_element_zero():
 
 
 def test_drop_nll_equals_manual_removal_and_restores_blocks(tiny_llama, tokens):
-    a = get_adapter(tiny_llama)
+    a = arch_of(tiny_llama)
     before = list(a.blocks())
     res = imp.score_blocks(tiny_llama, tokens, method="drop_nll", dtype="float32", progress=False)
     assert list(a.blocks()) == before and tiny_llama.config.num_hidden_layers == len(before)
@@ -156,22 +154,16 @@ def test_bad_input_ids_raise_flexierror(tiny_llama):
 
 
 # -- the stage's input validation (before any model is loaded) ------------------------------------------
-def _stage_body():
-    return runpy.run_path(str(ROOT / "stages" / "score_importance.py"))["body"]
-
-
-def _ctx(tmp_path: Path, **importance) -> StageContext:
+def _score(tmp_path: Path, **importance):
+    """What the score_importance stage runs: settings from params, then score_model."""
     data = {"importance": {"method": "block_influence", "batch_size": 8, "dtype": "bfloat16", "n_sequences": None,
-                           **importance},
-            "paths": {"data": str(tmp_path / "data"), "base_model": str(tmp_path / "no_model"),
-                      "importance": str(tmp_path / "imp"), "importance_metrics": str(tmp_path / "m.json"),
-                      "importance_plot": str(tmp_path / "i.csv"), "importance_png": str(tmp_path / "i.png")}}
-    return StageContext("score_importance", Params(data), run=None)
+                           **importance}}
+    return imp.score_model(imp.ImportanceSettings.from_params(Params(data)), tmp_path / "no_model", tmp_path / "data")
 
 
 def test_stage_missing_calibration_split_names_paths_data(tmp_path):
     with pytest.raises(FlexiError) as e:
-        _stage_body()(_ctx(tmp_path))
+        _score(tmp_path)
     assert e.value.param == "paths.data" and "prepare_calibration" in e.value.fix
 
 
@@ -188,5 +180,5 @@ def test_stage_bad_params_fail_before_loading_the_model(tmp_path, override, para
     (tmp_path / "data").mkdir()
     save_file({"input_ids": torch.zeros(4, 8, dtype=torch.int32)}, str(tmp_path / "data" / "calibration.safetensors"))
     with pytest.raises(FlexiError) as e:  # the model folder does not exist: a later failure would name "model"
-        _stage_body()(_ctx(tmp_path, **override))
+        _score(tmp_path, **override)
     assert e.value.param == param

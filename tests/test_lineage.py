@@ -1,7 +1,7 @@
 """MLflow lineage: stage runs carry code/data/package tags, nest under one parent per execution."""
 import pytest
 
-from flexigpt import lineage, tracking
+from flexigpt.track import lineage, tracking
 
 
 @pytest.fixture

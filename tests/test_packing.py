@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flexigpt.errors import FlexiError
-from flexigpt.packing import SplitSpec, build_splits, doc_key, pack
+from flexigpt.data.packing import SplitSpec, build_splits, doc_key, pack
 from helpers import corpus, make_tokenizer
 
 

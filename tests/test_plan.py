@@ -5,17 +5,17 @@ import csv
 import json
 import logging
 import math
-import runpy
 
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_llama, make_tiny_opt
-from flexigpt import plan as pl
-from flexigpt.arch import get_adapter
+from conftest import make_tiny_llama, make_tiny_opt
+from flexigpt.compress import distance as dist
+from flexigpt.compress import plan as pl
+from flexigpt.model import flexi as fm
+from flexigpt.model.arch import arch_of
 from flexigpt.config import Params
 from flexigpt.errors import FlexiError
-from flexigpt.stagekit import StageContext
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,21 +46,21 @@ def test_closed_form_equals_literal_eq2(m, n, r, svd):
         v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64))
         mats.append(u @ torch.diag(scale) @ v.T + 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64))
     w_i, w_j = mats
-    a, b = pl.truncated_svd(w_i, r, svd), pl.truncated_svd(w_j, r, svd)
-    got = float(pl.lowrank_residual(*a, *b, r))
+    a, b = dist.truncated_svd(w_i, r, svd), dist.truncated_svd(w_j, r, svd)
+    got = float(dist.lowrank_residual(*a, *b, r))
     assert got == pytest.approx(literal_eq2(w_i, w_j, r), rel=1e-7, abs=1e-10)
     # float32 weights: same answer to float32 accuracy
-    a32, b32 = pl.truncated_svd(w_i.float(), r, svd), pl.truncated_svd(w_j.float(), r, svd)
-    assert float(pl.lowrank_residual(*a32, *b32, r)) == pytest.approx(got, rel=2e-3)
+    a32, b32 = dist.truncated_svd(w_i.float(), r, svd), dist.truncated_svd(w_j.float(), r, svd)
+    assert float(dist.lowrank_residual(*a32, *b32, r)) == pytest.approx(got, rel=2e-3)
 
 
 def test_closed_form_batches_over_pruned_blocks():
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(24, 18, generator=g, dtype=torch.float64) for _ in range(4)]
-    f = [pl.truncated_svd(w, 5) for w in ws]
+    f = [dist.truncated_svd(w, 5) for w in ws]
     us = torch.stack([f[k][0] for k in range(3)])
     v = torch.stack([f[k][1] for k in range(3)])
-    batched = pl.lowrank_residual(us, v, *f[3], 5)
+    batched = dist.lowrank_residual(us, v, *f[3], 5)
     for k in range(3):
         assert float(batched[k]) == pytest.approx(literal_eq2(ws[k], ws[3], 5), rel=1e-8)
 
@@ -75,13 +75,13 @@ def test_general_path_matches_orthonormal_path():
     """Non-orthonormal factors of the same Ŵ (us M⁻ᵀ, v M) skip the r x r shortcut; same distance."""
     g = torch.Generator().manual_seed(11)
     w_i, w_j = _decaying(50, 40, g), _decaying(50, 40, g)
-    a, b = pl.truncated_svd(w_i, 9), pl.truncated_svd(w_j, 9)
+    a, b = dist.truncated_svd(w_i, 9), dist.truncated_svd(w_j, 9)
     m = torch.eye(9, dtype=torch.float64) + 0.3 * torch.randn(9, 9, generator=g, dtype=torch.float64)
     a_skew = (a[0] @ torch.linalg.inv(m).T, a[1] @ m)
-    assert not pl._is_orthonormal(a_skew[1].T @ a_skew[1])
+    assert not dist._is_orthonormal(a_skew[1].T @ a_skew[1])
     want = literal_eq2(w_i, w_j, 9)
-    assert float(pl.lowrank_residual(*a, *b, 9)) == pytest.approx(want, rel=1e-8)
-    assert float(pl.lowrank_residual(*a_skew, *b, 9)) == pytest.approx(want, rel=1e-8)
+    assert float(dist.lowrank_residual(*a, *b, 9)) == pytest.approx(want, rel=1e-8)
+    assert float(dist.lowrank_residual(*a_skew, *b, 9)) == pytest.approx(want, rel=1e-8)
 
 
 def test_shared_subspace_falls_back_and_stays_exact():
@@ -91,19 +91,19 @@ def test_shared_subspace_falls_back_and_stays_exact():
     v1 = torch.linalg.svd(w_i).Vh[0]
     w_j = w_i + 0.5 * torch.outer(torch.randn(30, generator=g, dtype=torch.float64), v1)
     for r in (30, 12):   # r = 30: identical row spaces; r = 12: overlapping ones
-        a, b = pl.truncated_svd(w_i, r), pl.truncated_svd(w_j, r)
-        assert float(pl.lowrank_residual(*a, *b, r)) == pytest.approx(literal_eq2(w_i, w_j, r), rel=1e-6, abs=1e-7)
-    same = pl.truncated_svd(w_i, 12)
-    assert float(pl.lowrank_residual(*same, *same, 12)) == pytest.approx(0.0, abs=1e-6)
+        a, b = dist.truncated_svd(w_i, r), dist.truncated_svd(w_j, r)
+        assert float(dist.lowrank_residual(*a, *b, r)) == pytest.approx(literal_eq2(w_i, w_j, r), rel=1e-6, abs=1e-7)
+    same = dist.truncated_svd(w_i, 12)
+    assert float(dist.lowrank_residual(*same, *same, 12)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_float32_precision_is_close_to_float64():
     g = torch.Generator().manual_seed(13)
     ws = [_decaying(64, 48, g).float() for _ in range(4)]
     for prec, rel in ((torch.float64, 1e-4), (torch.float32, 1e-3)):
-        f = [pl.truncated_svd(w, 20, "gram", prec) for w in ws]
+        f = [dist.truncated_svd(w, 20, "gram", prec) for w in ws]
         us, v = torch.stack([x[0] for x in f[:3]]), torch.stack([x[1] for x in f[:3]])
-        got = pl.lowrank_residual(us, v, *f[3], 20, precision=prec)
+        got = dist.lowrank_residual(us, v, *f[3], 20, precision=prec)
         assert got.dtype == torch.float32
         for k in range(3):
             assert float(got[k]) == pytest.approx(literal_eq2(ws[k].double(), ws[3].double(), 20), rel=rel)
@@ -112,7 +112,7 @@ def test_float32_precision_is_close_to_float64():
 def test_no_truncation_residual_equals_literal():
     g = torch.Generator().manual_seed(3)
     d = torch.randn(2, 30, 45, generator=g, dtype=torch.float64)
-    got = pl.truncation_residual(d, 7)
+    got = dist.truncation_residual(d, 7)
     for k in range(2):
         want = float(torch.linalg.matrix_norm(d[k] - _svd_r(d[k], 7)))
         assert float(got[k]) == pytest.approx(want, rel=1e-9)
@@ -123,8 +123,8 @@ def test_randomized_svd_is_close_to_exact():
     u, _ = torch.linalg.qr(torch.randn(200, 100, generator=g))
     v, _ = torch.linalg.qr(torch.randn(150, 100, generator=g))
     w = u @ torch.diag(torch.logspace(1, -2, 100)) @ v.T
-    us_e, v_e = pl.truncated_svd(w, 10, "exact")
-    us_r, v_r = pl.truncated_svd(w, 10, "randomized")
+    us_e, v_e = dist.truncated_svd(w, 10, "exact")
+    us_r, v_r = dist.truncated_svd(w, 10, "randomized")
     assert torch.allclose(us_e @ v_e.T, us_r @ v_r.T, atol=1e-3)
 
 
@@ -140,11 +140,11 @@ def test_ratio_picks_the_lowest_scores():
 
 
 # -- the plan on tiny models -------------------------------------------------------------------------------
-@pytest.mark.parametrize("metric", pl.METRICS)
+@pytest.mark.parametrize("metric", dist.METRICS)
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_plan_respects_ratio_and_never_picks_a_pruned_base(kind, metric):
     model = make_tiny_llama(n_layers=8) if kind == "llama" else make_tiny_opt(n_layers=6)
-    L = get_adapter(model).num_blocks
+    L = arch_of(model).num_blocks
     scores = torch.rand(L, generator=torch.Generator().manual_seed(7)).tolist()
     plan = pl.make_plan(model, scores, ratio=0.4, rank=4, metric=metric, progress=False)
     assert len(plan.pruned) == round(0.4 * L) and plan.pruned == sorted(plan.pruned)
@@ -159,9 +159,9 @@ def test_plan_respects_ratio_and_never_picks_a_pruned_base(kind, metric):
 
 
 def test_param_counts_and_json_round_trip(tiny_llama):
-    a = get_adapter(tiny_llama)
+    a = arch_of(tiny_llama)
     plan = pl.make_plan(tiny_llama, None, ratio=None, blocks=[1, 4], rank=3, progress=False)
-    total = pl.unique_param_count(tiny_llama)
+    total = fm.unique_params(tiny_llama)
     per_block = sum(p.numel() for p in a.blocks()[1].parameters())
     assert plan.params_before == total
     assert plan.params_after == total - 2 * per_block
@@ -177,10 +177,10 @@ def test_nearest_ties_go_to_the_earlier_block(tiny_llama):
     assert plan.base == {3: 2}  # 2 and 4 tie at distance 1 -> the earlier block
 
 
-@pytest.mark.parametrize("aggregate", pl.AGGREGATES)
+@pytest.mark.parametrize("aggregate", dist.AGGREGATES)
 def test_aggregates_and_frobenius_match_manual(tiny_opt, aggregate):
-    a = get_adapter(tiny_opt)
-    table, _ = pl.distance_table(a, [1], metric="frobenius", aggregate=aggregate, progress=False)
+    a = arch_of(tiny_opt)
+    table, _ = dist.distance_table(a, [1], metric="frobenius", aggregate=aggregate, progress=False)
     w1 = {k: w.detach() for k, w in a.weights(1).items()}
     for j in (0, 2, 3):
         d = {k: float(torch.linalg.matrix_norm(w1[k].double() - w.detach().double())) for k, w in a.weights(j).items()}
@@ -190,8 +190,8 @@ def test_aggregates_and_frobenius_match_manual(tiny_opt, aggregate):
 
 
 def test_lowrank_block_distance_is_sum_sq_of_literal_eq2(tiny_llama):
-    a = get_adapter(tiny_llama)
-    table, ranks = pl.distance_table(a, [2], rank=4, progress=False)
+    a = arch_of(tiny_llama)
+    table, ranks = dist.distance_table(a, [2], rank=4, progress=False)
     w2 = a.weights(2)
     want = math.sqrt(sum(literal_eq2(w2[k].double(), w.double(), 4) ** 2 for k, w in a.weights(5).items()))
     assert table[2][5] == pytest.approx(want, rel=1e-4)
@@ -199,27 +199,27 @@ def test_lowrank_block_distance_is_sum_sq_of_literal_eq2(tiny_llama):
 
 
 def test_float32_precision_table_is_close(tiny_llama):
-    a = get_adapter(tiny_llama)
-    t64, _ = pl.distance_table(a, [1, 2], rank=4, progress=False)
-    t32, _ = pl.distance_table(a, [1, 2], rank=4, progress=False, precision="float32")
+    a = arch_of(tiny_llama)
+    t64, _ = dist.distance_table(a, [1, 2], rank=4, progress=False)
+    t32, _ = dist.distance_table(a, [1, 2], rank=4, progress=False, precision="float32")
     for i in t64:
         for j in t64[i]:
             assert t32[i][j] == pytest.approx(t64[i][j], rel=1e-4)
 
 
 def test_parallel_candidates_give_the_same_table_and_restore_threads(tiny_llama):
-    a = get_adapter(tiny_llama)
-    serial, _ = pl.distance_table(a, [1, 2], rank=4, progress=False, workers=1)
+    a = arch_of(tiny_llama)
+    serial, _ = dist.distance_table(a, [1, 2], rank=4, progress=False, workers=1)
     threads = torch.get_num_threads()
-    pooled, _ = pl.distance_table(a, [1, 2], rank=4, progress=False, workers=2)
+    pooled, _ = dist.distance_table(a, [1, 2], rank=4, progress=False, workers=2)
     assert pooled == serial
     assert torch.get_num_threads() == threads
 
 
 def test_rank_above_matrix_size_is_clamped_with_a_warning(tiny_llama, caplog):
-    a = get_adapter(tiny_llama)  # k/v_proj are 16 x 32, the rest >= 32 x 32
-    with caplog.at_level(logging.WARNING, logger="flexigpt.plan"):
-        table, ranks = pl.distance_table(a, [2], rank=20, progress=False)
+    a = arch_of(tiny_llama)  # k/v_proj are 16 x 32, the rest >= 32 x 32
+    with caplog.at_level(logging.WARNING, logger="flexigpt.compress.plan"):
+        table, ranks = dist.distance_table(a, [2], rank=20, progress=False)
     assert ranks["self_attn.k_proj"] == ranks["self_attn.v_proj"] == 16 and ranks["self_attn.q_proj"] == 20
     assert sum("clamped to 16" in r.getMessage() for r in caplog.records) == 2
     w2 = a.weights(2)
@@ -231,7 +231,7 @@ def test_rank_above_matrix_size_is_clamped_with_a_warning(tiny_llama, caplog):
 
 
 def test_distance_csvs(tiny_llama, tmp_path):
-    from flexigpt.plots import distance_heatmap, importance_bars
+    from flexigpt.report.plots import distance_heatmap, importance_bars
 
     plan = pl.make_plan(tiny_llama, [0.5, 0.1, 0.4, 0.2, 0.3, 0.6], ratio=0.5, rank=2, progress=False)
     pl.write_distance_csvs(plan, tmp_path / "wide.csv", tmp_path / "long.csv")
@@ -294,19 +294,19 @@ def test_score_count_mismatch_names_importance(tiny_llama):
     assert e.value.param == "paths.importance"
 
 
-# -- the stage's validation (before the model loads) --------------------------------------------------------
-def _ctx(tmp_path, importance=True, **prune) -> StageContext:
+# -- the prune step's validation (before the model loads) --------------------------------------------------------
+def _plan(tmp_path, importance=True, **prune):
+    """What the prune stage runs: settings from params, then plan_model (on a model folder without weights)."""
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)
-    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 6}))  # no weights: loading would fail
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 6, "hidden_size": 64,
+                                                   "num_attention_heads": 4}))  # no weights: loading would fail
     imp = tmp_path / "imp"
     if importance:
         imp.mkdir(exist_ok=True)
         (imp / "importance.json").write_text(json.dumps({"scores": [0.1] * 6, "method": "block_influence"}))
-    paths = {k: str(tmp_path / k) for k in ("plan", "prune_metrics", "distance_plot", "distance_png", "pruned_png")}
-    data = {"prune": {"ratio": 0.3, "blocks": None, "rank": 32, "metric": "lowrank", "aggregate": "sum_sq", **prune},
-            "paths": {"base_model": str(model), "importance": str(imp), **paths}}
-    return StageContext("prune", Params(data), run=None)
+    data = {"prune": {"ratio": 0.3, "blocks": None, "rank": 32, "metric": "lowrank", "aggregate": "sum_sq", **prune}}
+    return pl.plan_model(pl.PruneSettings.from_params(Params(data)), model, imp)
 
 
 @pytest.mark.parametrize("override,param", [
@@ -318,15 +318,13 @@ def _ctx(tmp_path, importance=True, **prune) -> StageContext:
     ({"metric": "l2"}, "prune.metric"),
     ({"precision": "half"}, "prune.precision"),
 ])
-def test_prune_stage_validates_before_loading(tmp_path, override, param):
-    body = runpy.run_path(str(ROOT / "stages" / "prune.py"))["body"]
+def test_prune_validates_before_loading(tmp_path, override, param):
     with pytest.raises(FlexiError) as e:
-        body(_ctx(tmp_path, **override))
+        _plan(tmp_path, **override)
     assert e.value.param == param
 
 
-def test_prune_stage_needs_importance_scores(tmp_path):
-    body = runpy.run_path(str(ROOT / "stages" / "prune.py"))["body"]
+def test_prune_needs_importance_scores(tmp_path):
     with pytest.raises(FlexiError) as e:
-        body(_ctx(tmp_path, importance=False))
+        _plan(tmp_path, importance=False)
     assert e.value.param == "paths.importance" and "score_importance" in e.value.fix

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from flexigpt import compact, lm_tasks
+from flexigpt.model import checkpoint as compact
+from flexigpt.evaluate import lm_tasks
 from flexigpt.config import Params, data_dir
 from flexigpt.devices import resolve_threads, runtime_info
 from flexigpt.errors import FlexiError
-from flexigpt.plan import make_plan
-from flexigpt.stagekit import link_exp_data
+from flexigpt.compress.plan import make_plan
+from flexigpt.pipeline.stagekit import link_exp_data
 from flexigpt.train import TrainSettings, train
 from flexigpt.variants import build_variant
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
-from flexigpt import flexi_model as fm
+from flexigpt.model import flexi as fm
 from flexigpt.errors import FlexiError
 from flexigpt.train import TrainSettings, lr_factor, train, validate
 from train_worker import data

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_llama  # noqa: E402
 
-from flexigpt import flexi_model as fm  # noqa: E402
+from flexigpt.model import flexi as fm  # noqa: E402
 from flexigpt.train import TrainSettings, train  # noqa: E402
 
 

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .fileio import atomic_file  # noqa: E402
+from flexigpt.fileio import atomic_file  # noqa: E402
 
 
 def _save(fig, path: str | os.PathLike) -> None:

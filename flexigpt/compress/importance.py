@@ -19,7 +19,7 @@ sums per block, so memory does not grow with the number of batches. They deliber
 use ``output_hidden_states``: its last entry comes after the final norm, which would score the
 last block far too high (about 0.88 instead of 0.25 on SmolLM2).
 
-Matmuls run under ``torch.autocast(bfloat16)`` on CPU when ``dtype="bfloat16"``; the cosine
+Matmuls run under ``torch.autocast(bfloat16)`` on the model's device when ``dtype="bfloat16"``; the cosine
 and NLL arithmetic is done in float32 and the running sums in float64.
 """
 from __future__ import annotations
@@ -34,11 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ModelAdapter, get_adapter
-from .errors import FlexiError
-from .forward import backbone, check_dtype, check_input_ids, compute_context, iter_batches, mean_nll
+import os
+from collections.abc import Callable
+from pathlib import Path
 
-METHODS = ("block_influence", "angular", "drop_nll")
+from flexigpt.config import Settings, setting
+from flexigpt.devices import place, resolve_dtype
+from flexigpt.errors import FlexiError
+from flexigpt.model.arch import Arch, arch_of
+from flexigpt.model.forward import check_dtype, check_input_ids, compute_context, iter_batches, mean_nll, model_device
+
 
 
 @dataclass
@@ -108,7 +113,7 @@ class CosineSums:
 
 
 @contextlib.contextmanager
-def cosine_hooks(adapter: ModelAdapter, sums: CosineSums) -> Iterator[None]:
+def cosine_hooks(arch: Arch, sums: CosineSums) -> Iterator[None]:
     """Hook every block: the pre-hook keeps its input, the forward hook adds cos(input, output).
 
     Only the input of the block currently running is held (released as soon as it is used).
@@ -127,7 +132,7 @@ def cosine_hooks(adapter: ModelAdapter, sums: CosineSums) -> Iterator[None]:
         return hook
 
     try:
-        for i, block in enumerate(adapter.blocks()):
+        for i, block in enumerate(arch.blocks()):
             handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
             handles.append(block.register_forward_hook(post(i), with_kwargs=True))
         yield
@@ -142,32 +147,61 @@ def cosine_hooks(adapter: ModelAdapter, sums: CosineSums) -> Iterator[None]:
 def cosine_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, dtype: str = "bfloat16",
                   progress: bool = True) -> CosineSums:
     """Stream ``input_ids`` through the model's blocks and return the per-block cosine sums."""
-    adapter = get_adapter(model)
+    arch = arch_of(model)
     input_ids = check_input_ids(input_ids)
-    sums = CosineSums(adapter.num_blocks)
-    body = backbone(model)
+    sums = CosineSums(arch.num_blocks)
+    body = arch.backbone()
     n_batches = math.ceil(input_ids.shape[0] / batch_size)
-    with cosine_hooks(adapter, sums), compute_context(dtype):
+    device = model_device(model)
+    with cosine_hooks(arch, sums), compute_context(dtype, device):
         for ids in tqdm(iter_batches(input_ids, batch_size), total=n_batches, desc="block cosines",
                         disable=not progress, leave=False):
-            body(input_ids=ids, use_cache=False)
+            body(input_ids=ids.to(device), use_cache=False)
     return sums
 
 
 def drop_nll_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, dtype: str = "bfloat16",
                     progress: bool = True) -> list[float]:
     """score_i = NLL(model without block i) - NLL(dense model); the block list is always restored."""
-    adapter = get_adapter(model)
-    blocks = list(adapter.blocks())
+    arch = arch_of(model)
+    blocks = list(arch.blocks())
     dense = mean_nll(model, input_ids, batch_size=batch_size, dtype=dtype)
     scores = []
     try:
         for i in tqdm(range(len(blocks)), desc="drop one block", disable=not progress, leave=False):
-            adapter.set_blocks(blocks[:i] + blocks[i + 1:])
+            arch.set_blocks(blocks[:i] + blocks[i + 1:])
             scores.append(mean_nll(model, input_ids, batch_size=batch_size, dtype=dtype) - dense)
     finally:
-        adapter.set_blocks(blocks)
+        arch.set_blocks(blocks)
     return scores
+
+
+def _block_influence(model: nn.Module, ids: torch.Tensor, **kw) -> list[float]:
+    return cosine_scores(model, ids, **kw).block_influence()
+
+
+def _angular(model: nn.Module, ids: torch.Tensor, **kw) -> list[float]:
+    return cosine_scores(model, ids, **kw).angular()
+
+
+METHODS: dict[str, Callable[..., list[float]]] = {
+    "block_influence": _block_influence,  # 1 - mean cos(in, out): paper Eq. 1
+    "angular": _angular,                  # mean arccos(cos) / pi
+    "drop_nll": drop_nll_scores,          # NLL rise when the block alone is removed
+}
+"""Importance methods by name: ``f(model, ids, batch_size=, dtype=, progress=) -> scores`` (low = prunable).
+Add one here and it is a valid ``importance.method``."""
+
+
+@dataclass(frozen=True)
+class ImportanceSettings(Settings):
+    """How blocks are scored (params ``importance.*``)."""
+
+    SECTION = "importance"
+    method: str = setting("block_influence", "scoring method (low score = prunable)", choices=lambda: tuple(METHODS))
+    batch_size: int = setting(8, "calibration sequences per forward pass", min=1)
+    dtype: str = setting("auto", "compute dtype: auto | bfloat16 | float32", choices=("auto", "bfloat16", "float32"))
+    n_sequences: int | None = setting(None, "calibration sequences to score on (first N); null = all", type=int, min=1)
 
 
 def score_blocks(model: nn.Module, input_ids: torch.Tensor, *, method: str = "block_influence",
@@ -179,10 +213,23 @@ def score_blocks(model: nn.Module, input_ids: torch.Tensor, *, method: str = "bl
         raise FlexiError("importance.batch_size", f"must be a whole number >= 1, got {batch_size!r}",
                          "set it to e.g. 8")
     input_ids = check_input_ids(input_ids)
-    if method == "drop_nll":
-        scores = drop_nll_scores(model, input_ids, batch_size=batch_size, dtype=dtype, progress=progress)
-    else:
-        sums = cosine_scores(model, input_ids, batch_size=batch_size, dtype=dtype, progress=progress)
-        scores = sums.block_influence() if method == "block_influence" else sums.angular()
+    scores = METHODS[method](model, input_ids, batch_size=batch_size, dtype=dtype, progress=progress)
     return ImportanceResult(scores=[float(s) for s in scores], method=method, tokens=int(input_ids.numel()),
                             sequences=int(input_ids.shape[0]), dtype=dtype)
+
+
+def score_model(s: ImportanceSettings, base_model: str | os.PathLike, data: str | os.PathLike,
+                device: str = "cpu") -> ImportanceResult:
+    """Score the blocks of the model in ``base_model`` on the calibration split in ``data``."""
+    from flexigpt.data.splits import load_split
+    from flexigpt.model.importer import load_plain
+
+    ids = load_split(data, "calibration")  # validated before the model loads
+    if s.n_sequences is not None:
+        if s.n_sequences > ids.shape[0]:
+            raise FlexiError("importance.n_sequences", f"asks for {s.n_sequences} sequences but the calibration "
+                             f"split has {ids.shape[0]}", f"set it to at most {ids.shape[0]}, or null for all")
+        ids = ids[:s.n_sequences]
+    model, _ = load_plain(Path(base_model), "float32")
+    place(model, device)
+    return score_blocks(model, ids, method=s.method, batch_size=s.batch_size, dtype=resolve_dtype(s.dtype, device))

@@ -1,11 +1,6 @@
-"""Pruning plan: which blocks to prune, and which unpruned block each one shares weights with.
+"""Base-block distances (paper Eqs. 2-5): the linear algebra of choosing each pruned block's base.
 
-Step (a), the pruned set: the ``n`` blocks with the lowest importance score, with
-``n = round_half_up(ratio * L)`` (ratio 0.3 on SmolLM2's 30 blocks gives 9), or an explicit list.
-The parameter saving is reported ShortGPT-style: the pruned blocks' own parameters over the
-model's unique parameters (tied embeddings counted once).
-
-Step (b), the bases (paper Eqs. 2-5). For a pruned block ``i`` and each unpruned candidate ``j``,
+For a pruned block ``i`` and each unpruned candidate ``j``,
 per weight matrix ``W`` (out x in) with rank-``r`` truncations ``Ŵ = U_r S_r V_rᵀ``::
 
     d(W_i, W_j) = || D - SVD_r(D) ||_F,   D = Ŵ_i - Ŵ_j   (rank <= 2r)
@@ -21,8 +16,8 @@ orthonormal columns (as the truncated SVDs here give), ``L = [[I, 0], [Cᵀ, cho
 is the Cholesky factor of the full 2r x 2r Gram, and Householder QR where that is singular too.
 Matrices of one candidate are compared with all pruned blocks in one batched call.
 ``prune.precision`` sets the dtype of the Grams and eigenproblems: float64 (default) or float32
-(about 2x faster on CPU and the natural choice on GPUs; ``benchmarks/bench_importance.py`` reports
-its deviation from float64 and whether the chosen bases change).
+(faster, and the natural choice on GPUs); ``benchmarks/bench_importance.py`` measures both, their
+deviation and whether the chosen bases change (results: docs/results.md, "Benchmarks").
 
 Per-matrix distances are combined into one block distance by ``aggregate``:
 
@@ -43,29 +38,21 @@ and ``no_truncation``: a rank-``r`` adapter can represent any difference of that
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ModelAdapter, get_adapter
-from .errors import FlexiError
-from .fileio import atomic_file, write_json
+from flexigpt.model.arch import Arch
 
 log = logging.getLogger(__name__)
 
-METRICS = ("lowrank", "no_truncation", "frobenius", "nearest")
 AGGREGATES = ("sum_sq", "sum", "mean_rel")
 SVD_METHODS = ("gram", "exact", "randomized")
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
@@ -76,94 +63,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-# -- validation ---------------------------------------------------------------------------------
-def check_choice(value: Any, choices: tuple[str, ...], param: str) -> str:
-    if value not in choices:
-        raise FlexiError(param, f"unknown value {value!r}", f"use one of: {', '.join(choices)}")
-    return value
-
-
-def check_rank(rank: Any, param: str = "prune.rank") -> int:
-    """The truncation rank ``r``: a whole number >= 1 (values above min(m, n) are clamped later)."""
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or (isinstance(rank, float)
-                                                                       and not rank.is_integer()):
-        raise FlexiError(param, f"must be a whole number, got {rank!r}", f"set `{param}` to e.g. 32")
-    if rank <= 0:
-        raise FlexiError(param, f"must be >= 1, got {rank}", f"set `{param}` to a positive rank, e.g. 32")
-    return int(rank)
-
-
-def n_from_ratio(ratio: Any, num_blocks: int, param: str = "prune.ratio") -> int:
-    """Number of blocks to prune, ``floor(ratio * L + 0.5)``; must leave 1..L-1 blocks pruned."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
-        raise FlexiError(param, f"must be a number in (0, 1), got {ratio!r}", f"set `{param}` to e.g. 0.3")
-    if not 0.0 < ratio < 1.0:
-        raise FlexiError(param, f"must lie strictly between 0 and 1, got {ratio}",
-                         f"set `{param}` to a fraction of blocks, e.g. 0.3")
-    n = int(math.floor(ratio * num_blocks + 0.5))
-    if n == 0:
-        raise FlexiError(param, f"{ratio} x {num_blocks} blocks rounds to 0, so nothing would be pruned",
-                         f"set `{param}` to at least {0.5 / num_blocks:.3g}")
-    if n >= num_blocks:
-        raise FlexiError(param, f"{ratio} x {num_blocks} blocks rounds to {n}, so every block would be pruned",
-                         f"set `{param}` below {(num_blocks - 0.5) / num_blocks:.3g}")
-    return n
-
-
-def check_blocks(blocks: Any, num_blocks: int, param: str = "prune.blocks") -> list[int]:
-    """An explicit pruned list: distinct block indices in [0, L), at least one block kept."""
-    if not isinstance(blocks, (list, tuple)) or not blocks:
-        raise FlexiError(param, f"must be a non-empty list of block indices, got {blocks!r}",
-                         f"write e.g. `{param}: [3, 12, 13]`, or set it to null and use prune.ratio")
-    bad = [b for b in blocks if isinstance(b, bool) or not isinstance(b, int)]
-    if bad:
-        raise FlexiError(param, f"entries must be whole numbers, got {bad}", "list integer block indices")
-    out = [b for b in blocks if not 0 <= b < num_blocks]
-    if out:
-        raise FlexiError(param, f"indices {out} are out of range for a model with {num_blocks} blocks",
-                         f"use indices from 0 to {num_blocks - 1}")
-    dups = sorted({b for b in blocks if blocks.count(b) > 1})
-    if dups:
-        raise FlexiError(param, f"lists blocks {dups} more than once", "list each block once")
-    if len(blocks) >= num_blocks:
-        raise FlexiError(param, f"would prune all {num_blocks} blocks, leaving no base block",
-                         "keep at least one block unpruned")
-    return sorted(blocks)
-
-
-def choose_pruned(scores: list[float], ratio: float | None = None, blocks: list[int] | None = None) -> list[int]:
-    """The pruned blocks (sorted): the ``n(ratio)`` lowest scores (ties: lower index), or ``blocks``."""
-    L = len(scores)
-    if ratio is not None and blocks is not None:
-        raise FlexiError("prune.blocks", "both prune.ratio and prune.blocks are set",
-                         "set prune.blocks to null to prune by ratio, or prune.ratio to null to use the list")
-    if blocks is not None:
-        return check_blocks(blocks, L)
-    if ratio is None:
-        raise FlexiError("prune.ratio", "neither prune.ratio nor prune.blocks is set",
-                         "set prune.ratio (e.g. 0.3) or list prune.blocks")
-    n = n_from_ratio(ratio, L)
-    order = sorted(range(L), key=lambda i: (scores[i], i))
-    return sorted(order[:n])
-
-
-# -- parameter counts ---------------------------------------------------------------------------
-def unique_param_count(module: nn.Module) -> int:
-    """Parameters of ``module``, counting tied/shared tensors once."""
-    seen: set[int] = set()
-    n = 0
-    for p in module.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            n += p.numel()
-    return n
-
-
-def block_param_counts(adapter: ModelAdapter) -> list[int]:
-    return [unique_param_count(b) for b in adapter.blocks()]
-
-
-# -- distances ----------------------------------------------------------------------------------
 def effective_rank(rank: int, shape: tuple[int, ...], name: str = "", warned: set[str] | None = None) -> int:
     """``min(rank, m, n)``; logs one warning per matrix name when it clamps."""
     r = min(rank, shape[0], shape[1])
@@ -184,8 +83,8 @@ def truncated_svd(w: torch.Tensor, r: int, method: str = "gram", precision: torc
     """Thin factors ``(U_r S_r, V_r)`` of ``w`` (m x n), so that ``Ŵ = (U_r S_r) V_rᵀ``.
 
     * ``gram`` (default): eigendecomposition (in ``precision``) of the smaller Gram matrix (``WᵀW`` when
-      m >= n, else ``WWᵀ``); the same factors as the SVD up to rounding, about 2x faster on CPU than
-      LAPACK's float32 SVD for these shapes. ``σ = sqrt(λ)``, and the other side is ``W V_r``
+      m >= n, else ``WWᵀ``); the same factors as the SVD up to rounding, and faster on CPU than
+      LAPACK's SVD for these shapes (``benchmarks/bench_importance.py``). ``σ = sqrt(λ)``, and the other side is ``W V_r``
       (or ``Wᵀ U_r / σ``).
     * ``exact``: ``torch.linalg.svd`` (LAPACK gesdd).
     * ``randomized``: ``torch.svd_lowrank`` (Halko et al.) with ``r + 16`` sketch columns and 4
@@ -333,6 +232,23 @@ def truncation_residual(d: torch.Tensor, r: int, precision: torch.dtype = torch.
     return _tail_energy(d, r, precision).sqrt().to(d.dtype)
 
 
+@dataclass(frozen=True)
+class FullWeightMetric:
+    """A base distance computed on the full weight difference ``D = W_i - W_j`` (batched: [B, m, n] -> [B])."""
+
+    fn: Callable[[torch.Tensor, int, torch.dtype], torch.Tensor]  # (D, rank, precision) -> distances
+    truncates: bool  # True: a matrix whose rank r >= min(m, n) is represented exactly, so its distance is 0
+
+
+FULL_WEIGHT_METRICS: dict[str, FullWeightMetric] = {
+    "no_truncation": FullWeightMetric(lambda d, r, prec: truncation_residual(d, r, prec), True),  # Eq. 2, full W
+    "frobenius": FullWeightMetric(lambda d, r, prec: torch.linalg.matrix_norm(d), False),          # ||W_i - W_j||_F
+}
+"""Full-weight base metrics by name; add one here and it is a valid ``prune.metric``. ``lowrank`` (the
+paper's, on truncated factors) and ``nearest`` (index distance) have their own code paths below."""
+METRICS = ("lowrank", *FULL_WEIGHT_METRICS, "nearest")
+
+
 def aggregate_distances(per_matrix: dict[str, float], norms: dict[str, float], how: str) -> float:
     """One block distance from per-matrix distances (see the module docstring)."""
     d = list(per_matrix.values())
@@ -342,11 +258,11 @@ def aggregate_distances(per_matrix: dict[str, float], norms: dict[str, float], h
         return float(sum(d))
     if how == "mean_rel":
         return float(sum(per_matrix[k] / max(norms[k], 1e-30) for k in per_matrix) / len(per_matrix))
-    raise FlexiError("prune.aggregate", f"unknown value {how!r}", f"use one of: {', '.join(AGGREGATES)}")
+    raise ValueError(f"unknown aggregate {how!r}; use one of {AGGREGATES}")
 
 
-def _matrices(adapter: ModelAdapter, i: int) -> dict[str, torch.Tensor]:
-    return {k: w.detach() for k, w in adapter.weights(i).items()}
+def _matrices(arch: Arch, i: int) -> dict[str, torch.Tensor]:
+    return {k: w.detach() for k, w in arch.weights(i).items()}
 
 
 @contextmanager
@@ -354,9 +270,9 @@ def parallel_map(workers: int | None = None) -> Iterator[Callable[[Callable[[T],
     """An ordered ``map`` over a pool of ``workers`` threads, each running torch single-threaded.
 
     Why not torch's own threading: the distances are many small dense eigenproblems (2r x 2r), whose
-    LAPACK tridiagonalisation is mostly level-2 BLAS and does not speed up with intra-op threads
-    (measured on 2 cores: 512 x 512 ``eigvalsh`` 26 ms with 1 thread, 59 ms with 2, 13.5 ms each with
-    2 single-threaded workers). Torch releases the GIL inside its kernels, so Python threads suffice.
+    LAPACK tridiagonalisation is mostly level-2 BLAS and does not speed up with intra-op threads,
+    while single-threaded workers in parallel do (docs/results.md, "Benchmarks"). Torch releases
+    the GIL inside its kernels, so Python threads suffice.
     The previous intra-op thread count is restored on exit.
     """
     n = max(1, workers if workers is not None else torch.get_num_threads())
@@ -376,7 +292,7 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[s:s + size] for s in range(0, len(items), size)]
 
 
-def distance_table(adapter: ModelAdapter, pruned: list[int], *, metric: str = "lowrank", rank: int = 32,
+def distance_table(arch: Arch, pruned: list[int], *, metric: str = "lowrank", rank: int = 32,
                    aggregate: str = "sum_sq", svd: str = "gram", progress: bool = True,
                    chunk_bytes: int = 256 << 20, workers: int | None = None, precision: str = "float64"
                    ) -> tuple[dict[int, dict[int, float]], dict[str, int]]:
@@ -388,31 +304,28 @@ def distance_table(adapter: ModelAdapter, pruned: list[int], *, metric: str = "l
     ``workers`` (default: torch's thread count) candidates are processed concurrently, see
     :func:`parallel_map`. ``precision`` (``prune.precision``): dtype of the SVDs, Grams and eigenproblems.
     """
-    check_choice(metric, METRICS, "prune.metric")
-    check_choice(aggregate, AGGREGATES, "prune.aggregate")
-    check_choice(svd, SVD_METHODS, "prune.svd")
-    prec = PRECISIONS[check_choice(precision, tuple(PRECISIONS), "prune.precision")]
-    rank = check_rank(rank)
-    L = adapter.num_blocks
+    prec = PRECISIONS[precision]  # arguments come validated from PruneSettings (or a caller's literals)
+    L = arch.num_blocks
     cands = [j for j in range(L) if j not in set(pruned)]
     if metric == "nearest":
         return {i: {j: float(abs(i - j)) for j in cands} for i in pruned}, {}
 
     warned: set[str] = set()
-    shapes = {k: tuple(w.shape) for k, w in _matrices(adapter, pruned[0]).items()}
+    shapes = {k: tuple(w.shape) for k, w in _matrices(arch, pruned[0]).items()}
     ranks = {k: effective_rank(rank, s, k, warned) for k, s in shapes.items()}
-    mats_p = {i: _matrices(adapter, i) for i in pruned}
+    mats_p = {i: _matrices(arch, i) for i in pruned}
     norms = {i: {k: float(w.double().norm()) for k, w in m.items()} for i, m in mats_p.items()}
     per: dict[int, dict[int, dict[str, float]]] = {i: {j: {} for j in cands} for i in pruned}
 
     # a clamped matrix (r_W = min(m, n)) has rank(D) <= r_W, so its residual is exactly 0
-    exact = {k for k, s in shapes.items() if ranks[k] == min(s) and metric in ("lowrank", "no_truncation")}
+    truncates = metric == "lowrank" or FULL_WEIGHT_METRICS[metric].truncates
+    exact = {k for k, s in shapes.items() if ranks[k] == min(s) and truncates}
     for i in pruned:
         for j in cands:
             per[i][j].update({k: 0.0 for k in exact})
     if metric == "lowrank":
         def factors(b: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-            return {k: truncated_svd(w, ranks[k], svd, prec) for k, w in _matrices(adapter, b).items()
+            return {k: truncated_svd(w, ranks[k], svd, prec) for k, w in _matrices(arch, b).items()
                     if k not in exact}
 
         with parallel_map(workers) as pmap:
@@ -437,17 +350,14 @@ def distance_table(adapter: ModelAdapter, pruned: list[int], *, metric: str = "l
     else:
         bar = tqdm(total=len(cands), desc="base distances", disable=not progress, leave=False)
         for j in cands:
-            for k, w_j in _matrices(adapter, j).items():
+            for k, w_j in _matrices(arch, j).items():
                 if k in exact:
                     continue
                 wd = _work_dtype(w_j)
                 per_pair = max(1, chunk_bytes // (w_j.numel() * torch.finfo(wd).bits // 8))
                 for group in _chunks(pruned, per_pair):
                     diff = torch.stack([mats_p[i][k].to(wd) for i in group]) - w_j.to(wd)
-                    if metric == "frobenius":
-                        d = torch.linalg.matrix_norm(diff)
-                    else:  # no_truncation
-                        d = truncation_residual(diff, ranks[k], prec)
+                    d = FULL_WEIGHT_METRICS[metric].fn(diff, ranks[k], prec)
                     for a, i in enumerate(group):
                         per[i][j][k] = float(d[a])
             bar.update()
@@ -460,107 +370,3 @@ def choose_bases(distances: dict[int, dict[int, float]]) -> dict[int, int]:
     """``j* = argmin_j d(i, j)`` per pruned block (ties: the lower index)."""
     return {i: min(row, key=lambda j: (row[j], j)) for i, row in distances.items()}
 
-
-# -- the plan -----------------------------------------------------------------------------------
-@dataclass
-class Plan:
-    """A pruning plan; ``layer_map[p]`` is the block whose weights position ``p`` runs."""
-
-    num_blocks: int
-    pruned: list[int]
-    base: dict[int, int]
-    distances: dict[int, dict[int, float]]
-    layer_map: list[int]
-    params_before: int
-    params_after: int
-    removed_param_fraction: float
-    metric: str
-    aggregate: str
-    rank: int
-    effective_rank: dict[str, int] = field(default_factory=dict)
-    ratio: float | None = None
-    importance_method: str | None = None
-    scores: list[float] | None = None
-
-    @property
-    def kept(self) -> list[int]:
-        return [b for b in range(self.num_blocks) if b not in set(self.pruned)]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["base"] = {str(i): j for i, j in self.base.items()}
-        d["distances"] = {str(i): {str(j): v for j, v in row.items()} for i, row in self.distances.items()}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
-        d = dict(d)
-        d["base"] = {int(i): int(j) for i, j in d["base"].items()}
-        d["distances"] = {int(i): {int(j): float(v) for j, v in row.items()} for i, row in d["distances"].items()}
-        d["pruned"] = [int(i) for i in d["pruned"]]
-        d["layer_map"] = [int(i) for i in d["layer_map"]]
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    def save(self, path: str | os.PathLike) -> None:
-        write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Plan":
-        """A plan from ``plan.json`` or from the folder holding it."""
-        p = Path(path)
-        p = p / "plan.json" if p.is_dir() else p
-        if not p.is_file():
-            raise FlexiError("paths.plan", f"no pruning plan at {p}", "run the prune stage first (`dvc repro prune`)")
-        return cls.from_dict(json.loads(p.read_text()))
-
-
-def make_plan(model: nn.Module, scores: list[float] | None, *, ratio: float | None = 0.3,
-              blocks: list[int] | None = None, rank: int = 32, metric: str = "lowrank",
-              aggregate: str = "sum_sq", svd: str = "gram", importance_method: str | None = None,
-              progress: bool = True, precision: str = "float64") -> Plan:
-    """Choose the pruned blocks (lowest ``scores`` or ``blocks``) and a base for each (Eqs. 2-5)."""
-    adapter = get_adapter(model)
-    L = adapter.num_blocks
-    check_choice(metric, METRICS, "prune.metric")
-    check_choice(aggregate, AGGREGATES, "prune.aggregate")
-    check_choice(svd, SVD_METHODS, "prune.svd")
-    check_choice(precision, tuple(PRECISIONS), "prune.precision")
-    rank = check_rank(rank)
-    if scores is None:
-        if blocks is None:
-            raise FlexiError("prune.blocks", "no importance scores and no explicit block list",
-                             "run score_importance, or list prune.blocks")
-        scores = [0.0] * L
-    if len(scores) != L:
-        raise FlexiError("paths.importance", f"has {len(scores)} scores but the model has {L} blocks",
-                         "re-run score_importance for this model (`dvc repro score_importance`)")
-    pruned = choose_pruned(scores, ratio, blocks)
-    distances, ranks = distance_table(adapter, pruned, metric=metric, rank=rank, aggregate=aggregate, svd=svd,
-                                      progress=progress, precision=precision)
-    base = choose_bases(distances)
-    before = unique_param_count(model)
-    per_block = block_param_counts(adapter)
-    after = before - sum(per_block[i] for i in pruned)
-    return Plan(num_blocks=L, pruned=pruned, base=base, distances=distances,
-                layer_map=[base.get(p, p) for p in range(L)], params_before=before, params_after=after,
-                removed_param_fraction=(before - after) / before, metric=metric, aggregate=aggregate, rank=rank,
-                effective_rank=ranks, ratio=None if blocks is not None else ratio,
-                importance_method=importance_method, scores=[float(s) for s in scores])
-
-
-# -- tables ---------------------------------------------------------------------------------------
-def write_distance_csvs(plan: Plan, wide: str | os.PathLike, long: str | os.PathLike) -> None:
-    """``wide``: one row per pruned block, a column per block (empty = not a candidate);
-    ``long``: rows ``pruned,candidate,distance`` for DVC's heatmap."""
-    with atomic_file(wide) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["pruned", *range(plan.num_blocks)])
-        for i in plan.pruned:
-            row = plan.distances[i]
-            w.writerow([i, *(repr(row[j]) if j in row else "" for j in range(plan.num_blocks))])
-    with atomic_file(long) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["pruned", "candidate", "distance"])
-        for i in plan.pruned:
-            for j, d in sorted(plan.distances[i].items()):
-                w.writerow([i, j, repr(d)])

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FlexiError
-from .fileio import sha256_file
+from flexigpt.errors import FlexiError
+from flexigpt.fileio import sha256_file
 
 TEXT_SUFFIXES = (".jsonl", ".txt", ".raw")
 

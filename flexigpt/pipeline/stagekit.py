@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Params
-from .devices import apply_threads, resolve_threads, runtime_info
-from .errors import FlexiError
-from .fileio import write_json
+from flexigpt.config import Params, Settings, setting
+from flexigpt.devices import ComputeSettings, apply_threads, resolve_device, resolve_threads, runtime_info
+from flexigpt.errors import FlexiError
+from flexigpt.fileio import write_json
 
 log = logging.getLogger("flexigpt")
 
@@ -39,20 +39,55 @@ def experiment_name(source: str) -> str:
     return Path(str(source).rstrip("/")).name.removesuffix(".gguf") or "flexigpt"
 
 
+@dataclass(frozen=True)
+class PathSettings(Settings):
+    """Where stages write, relative to the project root (params ``paths.*``)."""
+
+    SECTION = "paths"
+    base_model: str = setting("artifacts/base_model", "import_model: plain HF folder")
+    import_metrics: str = setting("metrics/import_model.json", "import_model: metrics")
+    data: str = setting("artifacts/data", "prepare_calibration: split files + manifest.json")
+    data_metrics: str = setting("metrics/prepare_calibration.json", "prepare_calibration: metrics")
+    importance: str = setting("artifacts/importance", "score_importance: importance.json")
+    importance_metrics: str = setting("metrics/score_importance.json", "score_importance: metrics")
+    importance_plot: str = setting("plots/importance.csv", "score_importance: DVC bar-plot data")
+    importance_png: str = setting("plots/importance.png", "score_importance: bar chart")
+    plan: str = setting("artifacts/plan", "prune: plan.json + distances.csv")
+    prune_metrics: str = setting("metrics/prune.json", "prune: metrics")
+    distance_plot: str = setting("plots/distances.csv", "prune: DVC heatmap data")
+    distance_png: str = setting("plots/distances.png", "prune: distance heatmap")
+    pruned_png: str = setting("plots/pruned_blocks.png", "prune: importance bars, pruned blocks marked")
+    flexigpt_init: str = setting("artifacts/flexigpt_init", "svd_init: FlexiGPT at init, compact format")
+    svd_init_metrics: str = setting("metrics/svd_init.json", "svd_init: metrics")
+    trained: str = setting("artifacts/trained", "train_*: trained models, one compact folder per variant")
+    checkpoints: str = setting("checkpoints", "train_*: resumable scratch checkpoints")
+    metrics_dir: str = setting("metrics", "train_*/evaluate/compare: metrics json")
+    plots_dir: str = setting("plots", "train_*/compare: DVC plots")
+    eval: str = setting("artifacts/eval", "evaluate@*: lm-eval results per variant")
+    reports: str = setting("reports", "compare: comparison.md / .csv")
+    timing: str = setting("metrics/timing", "every stage: run record (wall-clock), never a dependency")
+
+
 @dataclass
 class StageContext:
     stage: str
     params: Params
     run: object  # tracking.StageRun
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
     timing: dict[str, Any] = field(default_factory=dict)  # wall-clock figures: go to the run record only
 
     def path(self, key: str) -> Path:
-        """An artifact path from params ``paths.<key>``."""
-        return Path(self.params.get(f"paths.{key}"))
+        """An artifact path from params ``paths.<key>`` (the section is validated by :class:`PathSettings`)."""
+        return Path(getattr(PathSettings.from_params(self.params), key))
+
+    @property
+    def device(self) -> str:
+        """Where this stage computes (``compute.device`` resolved: cuda:N or cpu)."""
+        return str(resolve_device(self.compute.device))
 
     def runtime(self, dtype: str | None = None) -> dict[str, Any]:
         """Device, resolved dtype, threads and hardware, for the stage's metrics and lineage (results depend on them)."""
-        info = runtime_info(dtype)
+        info = runtime_info(dtype, self.device)
         if self.run is not None:
             self.run.set_tags({f"runtime.{k}": v for k, v in info.items()})
         return info
@@ -113,27 +148,29 @@ def stage_main(stage: str, body: Callable[[StageContext], None]) -> None:
     ``stage`` is the DVC stage name (``evaluate@dense``, ``train_flexigpt``); it names the MLflow run
     and the run record.
     """
-    from . import tracking
+    from flexigpt.track import tracking
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated stage still marks its run FAILED
     setup_logging()
     t0 = time.time()
     try:
         params = Params.load(os.environ.get("FLEXIGPT_PARAMS", "params.yaml"))
+        compute = ComputeSettings.from_params(params)
+        PathSettings.from_params(params)  # a misspelt paths key fails here, not in the middle of a stage
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        apply_threads(resolve_threads(params.get("compute.threads", None), local))  # bits depend on it
+        apply_threads(resolve_threads(compute.threads, local))  # bits depend on it
         link_exp_data(params)
         exp = experiment_name(params.get("model.source", "flexigpt"))
         runner = tracking.stage_run if is_main_process() else tracking.null_run
         with runner(stage, exp, params.data) as run:
-            run.set_tags({f"runtime.{k}": v for k, v in runtime_info().items()})
-            ctx = StageContext(stage, params, run)
+            ctx = StageContext(stage, params, run, compute)
+            run.set_tags({f"runtime.{k}": v for k, v in runtime_info(None, ctx.device).items()})
             body(ctx)
             wall = time.time() - t0
             run.log_metrics({"stage_wall_s": wall, **ctx.timing})
             if is_main_process():
                 write_json(record_path(params, stage), {"stage": stage, "stage_wall_s": round(wall, 3),
-                                                        **ctx.timing, "runtime": runtime_info()})
+                                                        **ctx.timing, "runtime": runtime_info(None, ctx.device)})
     except FlexiError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import flatten
-from .store import tracking_uri
+from flexigpt.config import flatten
+from flexigpt.track.uri import tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class StageRun:
     def summarise_pipeline(self, files: list[Path]) -> list[str]:
         """Attach ``files`` to the pipeline's parent run and add ``<stage> (cached)`` children for the
         stages DVC skipped; returns those stages (nothing outside a DVC execution)."""
-        from . import lineage
+        from flexigpt.track import lineage
 
         if not self.parent_id:
             return []
@@ -64,7 +64,7 @@ def stage_run(stage: str, experiment: str, params: dict[str, Any], tags: dict[st
     """Open an MLflow run named ``stage`` in ``experiment``; mark it FAILED if the block raises."""
     import mlflow
 
-    from . import lineage
+    from flexigpt.track import lineage
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())

@@ -10,7 +10,7 @@ Why not PEFT's ``layer_replication``: it only knows a few module layouts (not OP
 ``decoder.layers``), ties *every* parameter of the copied block (pre-norms included) and builds
 positions from index ranges. FlexiGPT keeps each pruned position where it was, keeps that
 block's own pre-norm weights (tiny, and what makes a full-rank ``svd_diff`` init exact), and works
-for any family behind :class:`~flexigpt.arch.ModelAdapter`. So we tie the linear weights
+for any family behind :class:`~flexigpt.model.arch.Arch`. So we tie the linear weights
 ourselves and let PEFT do what it does well: the LoRA layers (``inject_adapter_in_model``).
 The output norm is not a LoRA feature at all, so it is our own module.
 """
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import ModelAdapter, get_adapter, short_linear_names
-from .errors import FlexiError
+from flexigpt.model.arch import Arch, arch_of
+from flexigpt.errors import FlexiError
 
 log = logging.getLogger(__name__)
 ADAPTER_NAME = "default"
@@ -94,8 +94,9 @@ def shortgpt_spec(num_blocks: int, pruned: list[int], lora: LoraSettings | None 
 # -- output normalisation (Eq. 6) -----------------------------------------------------------------
 
 class OutputNorm(nn.Module):
-    """h -> γ ⊙ (h - μ(h)) / σ(h), over the hidden dim; no β. Applied via a forward hook on the
-    sublayer's last linear, i.e. before the residual add: x + LN_γ(Attn(x)), x + LN_γ(MLP(x))."""
+    """h -> γ ⊙ (h - μ(h)) / σ(h), over the hidden dim; no β. Applied by a forward hook on the module
+    whose output joins the residual (:attr:`Arch.attn_residual` / ``mlp_residual``):
+    x + LN_γ(Attn(x)), x + LN_γ(MLP(x))."""
 
     def __init__(self, dim: int, gamma_init: float, eps: float = 1e-5) -> None:
         super().__init__()
@@ -105,22 +106,23 @@ class OutputNorm(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return (F.layer_norm(h.float(), h.shape[-1:], eps=self.eps) * self.gamma.float()).to(h.dtype)
 
-    def hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return self(out)
+    def hook(self, module: nn.Module, args: tuple, out):
+        # attention modules return (hidden, weights, ...): only the hidden state joins the residual
+        return (self(out[0]), *out[1:]) if isinstance(out, tuple) else self(out)
 
 
-NORM_ATTRS = ("flexi_attn_out_norm", "flexi_mlp_out_norm")
+NORM_ATTRS = {"attn": "flexi_attn_out_norm", "mlp": "flexi_mlp_out_norm"}
 
 
-def attach_output_norms(adapter: ModelAdapter, positions: list[int], gamma_init: float, eps: float) -> None:
+def attach_output_norms(arch: Arch, positions: list[int], gamma_init: float, eps: float) -> None:
     """Add an :class:`OutputNorm` to the attention and MLP outputs of each block in ``positions``."""
-    blocks = adapter.blocks()
-    ref = next(adapter.model.parameters())
+    blocks = arch.blocks()
+    ref = next(arch.model.parameters())
     for p in positions:
-        for attr, target in zip(NORM_ATTRS, (adapter.attn_out_name, adapter.mlp_out_name)):
-            norm = OutputNorm(adapter.hidden_size, gamma_init, eps).to(ref.device)
-            setattr(blocks[p], attr, norm)
-            blocks[p].get_submodule(target).register_forward_hook(norm.hook)
+        for kind, target in arch.residual_outputs(p).items():
+            norm = OutputNorm(arch.hidden_size, gamma_init, eps).to(ref.device)
+            setattr(blocks[p], NORM_ATTRS[kind], norm)
+            target.register_forward_hook(norm.hook)
 
 
 # -- adapter initialisation strategies (named, like PEFT's pissa_init) ----------------------------
@@ -150,104 +152,131 @@ INIT_STRATEGIES: dict[str, Callable[[nn.Module, torch.Tensor | None, float], Non
 
 # -- building -------------------------------------------------------------------------------------
 
-def validate_spec(adapter: ModelAdapter, spec: FlexiSpec) -> None:
+def validate_spec(arch: Arch, spec: FlexiSpec) -> None:
     """Check a spec against a model before any weights are touched."""
-    L = adapter.num_blocks
+    L = arch.num_blocks
     if spec.num_original_blocks != L:
         raise FlexiError("plan", f"was made for a {spec.num_original_blocks}-block model, this model has {L}",
                          "re-run the prune stage on this model")
     if any(not 0 <= s < L for s in spec.sources):
         raise FlexiError("plan", f"refers to blocks outside 0..{L - 1}", "re-run the prune stage on this model")
-    valid = short_linear_names(adapter)
-    if spec.lora.targets == ["all"]:
-        spec.lora.targets = list(valid)
-    bad = [t for t in spec.lora.targets if t not in valid]
+    valid = arch.target_names()
+    bad = [t for t in spec.lora.targets if t not in valid and t != "all"]
     if bad:
         raise FlexiError("adapters.targets", f"unknown target modules {bad}", f"use a subset of {valid}")
     if spec.lora.init not in INIT_STRATEGIES:
         raise FlexiError("adapters.init", f"unknown init {spec.lora.init!r}", f"use one of {sorted(INIT_STRATEGIES)}")
     if spec.gamma_init < 0:
         raise FlexiError("norm.gamma_init", f"must be >= 0, got {spec.gamma_init}", "use a small positive value such as 1e-3")
-    if spec.lora_positions and spec.lora.targets:
+    targets = resolved_targets(arch, spec.lora)
+    if spec.lora_positions and targets:
         if spec.lora.rank < 1:
             raise FlexiError("adapters.rank", f"must be >= 1, got {spec.lora.rank}", "set a positive rank")
-        for name, w in adapter.weights(0).items():
-            if name.rsplit(".", 1)[-1] in spec.lora.targets and spec.lora.rank > min(w.shape):
+        for name, w in arch.weights(0).items():
+            if name.rsplit(".", 1)[-1] in targets and spec.lora.rank > min(w.shape):
                 raise FlexiError("adapters.rank", f"{spec.lora.rank} exceeds what {name} ({tuple(w.shape)}) allows",
                                  f"set it to at most {min(w.shape)}")
 
 
-def tie_linears(adapter: ModelAdapter, dst: nn.Module, src: nn.Module) -> None:
+def tie_linears(arch: Arch, dst: nn.Module, src: nn.Module) -> None:
     """Make ``dst``'s linear layers use ``src``'s weight (and bias) tensors: shared storage, not copies."""
-    for name in adapter.linear_names:
+    for name in arch.linear_names:
         d, s = dst.get_submodule(name), src.get_submodule(name)
         d.weight = s.weight
         if getattr(d, "bias", None) is not None:
             d.bias = s.bias
 
 
-def materialize(adapter: ModelAdapter, spec: FlexiSpec) -> None:
+def materialize(arch: Arch, spec: FlexiSpec) -> None:
     """Rebuild the block list by ``spec.sources``; replaced positions share their source's linears.
 
     A replaced position inside the original depth keeps its own block module (own pre-norms);
     a position beyond it (extension) starts as a copy of its source block.
     """
-    old = list(adapter.blocks())
+    old = list(arch.blocks())
     replaced = set(spec.replaced)
     new: list[nn.Module] = []
     for p, s in enumerate(spec.sources):
         if p in replaced:
             blk = old[p] if p < len(old) and p != s and p not in spec.sources else copy.deepcopy(old[s])
-            tie_linears(adapter, blk, old[s])
+            tie_linears(arch, blk, old[s])
         else:
             blk = old[s]
         new.append(blk)
-    adapter.set_blocks(new)
+    arch.set_blocks(new)
 
 
-def lora_target_regex(adapter: ModelAdapter, positions: list[int], targets: list[str]) -> str:
+def resolved_targets(arch: Arch, lora: LoraSettings) -> list[str]:
+    """LoRA target leaf names with ``all`` expanded to every adaptable linear of the family."""
+    return arch.target_names() if "all" in lora.targets else list(lora.targets)
+
+
+def lora_target_regex(arch: Arch, positions: list[int], targets: list[str]) -> str:
     """A full-match regex over module names selecting ``targets`` in blocks ``positions``."""
-    names = [n for n in adapter.linear_names if n.rsplit(".", 1)[-1] in targets]
+    names = [n for n in arch.linear_names if n.rsplit(".", 1)[-1] in targets]
     pos = "|".join(str(p) for p in positions)
-    return rf"{re.escape(adapter.blocks_path)}\.({pos})\.({'|'.join(re.escape(n) for n in names)})"
+    return rf"{re.escape(arch.blocks_path)}\.({pos})\.({'|'.join(re.escape(n) for n in names)})"
 
 
-def inject_lora(adapter: ModelAdapter, spec: FlexiSpec) -> None:
+def inject_lora(arch: Arch, spec: FlexiSpec) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    if not spec.lora_positions or not spec.lora.targets:
+    targets = resolved_targets(arch, spec.lora)
+    if not spec.lora_positions or not targets:
         return
     cfg = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha if spec.lora.alpha is not None else spec.lora.rank,
                      lora_dropout=0.0, bias="none", init_lora_weights=True,
-                     target_modules=lora_target_regex(adapter, spec.lora_positions, spec.lora.targets))
-    inject_adapter_in_model(cfg, adapter.model, adapter_name=ADAPTER_NAME)
+                     target_modules=lora_target_regex(arch, spec.lora_positions, targets))
+    inject_adapter_in_model(cfg, arch.model, adapter_name=ADAPTER_NAME)
 
 
 def build(model: nn.Module, spec: FlexiSpec, *, init: bool = True) -> nn.Module:
     """Turn ``model`` (in place) into the model ``spec`` describes; ``init`` runs the adapter init."""
-    adapter = get_adapter(model)
-    validate_spec(adapter, spec)
+    arch = arch_of(model)
+    validate_spec(arch, spec)
     model.flexigpt_base_config = model.config.to_dict()  # the skeleton the compact format rebuilds
     diffs: dict[tuple[int, str], torch.Tensor] = {}
     if init and spec.lora.init == "svd_diff":
         for p in spec.replaced:  # W_p - W_source, from the original (pre-tie) weights
             s = spec.sources[p]
-            if p < adapter.num_blocks and p != s:
-                wp, ws = adapter.weights(p), adapter.weights(s)
+            if p < arch.num_blocks and p != s:
+                wp, ws = arch.weights(p), arch.weights(s)
                 diffs.update({(p, n): (wp[n].detach().float() - ws[n].detach().float()) for n in wp})
-    materialize(adapter, spec)
-    inject_lora(adapter, spec)
+    materialize(arch, spec)
+    inject_lora(arch, spec)
     if init:
         fn = INIT_STRATEGIES[spec.lora.init]
         for p in spec.lora_positions:
-            for n, mod in adapter.linears(p).items():
+            for n, mod in arch.linears(p).items():
                 if hasattr(mod, "lora_A"):
                     d = diffs.get((p, n))
                     (fn if d is not None else zeros_init)(mod, d, spec.lora.scaling)
     if spec.output_norm and spec.replaced:
-        attach_output_norms(adapter, spec.replaced, spec.gamma_init, spec.norm_eps)
-    model.flexigpt_spec = spec
+        attach_output_norms(arch, spec.replaced, spec.gamma_init, spec.norm_eps)
+    model.flexigpt_spec = spec  # what spec_of() reads: the compact format saves it as the layer map
     return model
+
+
+# -- the one owner of "what is in this model" ------------------------------------------------------
+
+def spec_of(model: nn.Module) -> FlexiSpec | None:
+    """The :class:`FlexiSpec` a model was built from (None for a plain model)."""
+    return getattr(model, "flexigpt_spec", None)
+
+
+def is_lora_param(name: str) -> bool:
+    """Whether a parameter/state name belongs to a LoRA adapter (PEFT's ``lora_A`` / ``lora_B``)."""
+    return "lora_" in name
+
+
+def is_output_norm_param(name: str) -> bool:
+    """Whether a parameter/state name belongs to a FlexiGPT output norm (Eq. 6)."""
+    return any(a in name for a in NORM_ATTRS.values())
+
+
+def is_adapter_param(name: str) -> bool:
+    """LoRA or output-norm: the per-position parameters that are trained and stored apart from the base."""
+    return is_lora_param(name) or is_output_norm_param(name)
 
 
 def unique_params(model: nn.Module) -> int:
@@ -260,7 +289,7 @@ def unique_params(model: nn.Module) -> int:
 
 def adapter_params(model: nn.Module) -> int:
     """Parameters that belong to LoRA adapters and output norms."""
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "flexi_" in n)
+    return sum(p.numel() for n, p in model.named_parameters() if is_adapter_param(n))
 
 
 def extend_spec(num_blocks: int, start: int, end: int, pattern: str, repeats: int, lora: LoraSettings, *,

@@ -12,12 +12,13 @@ import runpy
 import sys
 from pathlib import Path
 
-STAGES = ["import_model", "prepare_calibration", "score_importance", "prune", "svd_init", "train_adapters", "evaluate"]
+STAGES = ["import_model", "prepare_calibration", "score_importance", "prune", "svd_init", "train_adapters", "evaluate",
+          "compare"]
 
 
 def project_root() -> Path:
     """The folder holding ``stages/``: the cwd if it has one, else the source checkout."""
-    for cand in (Path.cwd(), Path(__file__).resolve().parents[1]):
+    for cand in (Path.cwd(), Path(__file__).resolve().parents[2]):
         if (cand / "stages").is_dir():
             return cand
     sys.exit("error: no stages/ folder found; run flexigpt from the project root")
@@ -35,9 +36,9 @@ def _run_stage(name: str, params: str | None, extra: list[str]) -> None:
 
 def _fetch_text(args: argparse.Namespace) -> None:
     """Snapshot a hub text dataset to jsonl so DVC can hash it (online only)."""
-    from .errors import FlexiError
-    from .fileio import atomic_file
-    from .textdata import read_hub
+    from flexigpt.errors import FlexiError
+    from flexigpt.fileio import atomic_file
+    from flexigpt.data.text import read_hub
     import json
 
     try:
@@ -53,8 +54,8 @@ def _fetch_text(args: argparse.Namespace) -> None:
 def _lineage(args: argparse.Namespace) -> None:
     import mlflow
 
-    from . import lineage
-    from .store import tracking_uri
+    from flexigpt.track import lineage
+    from flexigpt.track.uri import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(project_root()))
     client = mlflow.MlflowClient()
@@ -66,10 +67,22 @@ def _lineage(args: argparse.Namespace) -> None:
     print(lineage.describe(client, run, metric))
 
 
+def _check(path: str) -> None:
+    from flexigpt.config import Params
+    from flexigpt.errors import FlexiError
+    from flexigpt.pipeline import schema
+
+    try:
+        n = len(schema.check(Params.load(path)))
+    except FlexiError as e:
+        sys.exit(f"error: {e}")
+    print(f"{path}: {n} sections valid")
+
+
 def _link_data() -> None:
-    from .config import Params
-    from .errors import FlexiError
-    from .stagekit import link_exp_data
+    from flexigpt.config import Params
+    from flexigpt.errors import FlexiError
+    from flexigpt.pipeline.stagekit import link_exp_data
 
     root = project_root()
     try:
@@ -94,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     ft.add_argument("--text-field", default="text")
     pr = sub.add_parser("preset", help="print `dvc exp run` -S flags for a preset file (configs/presets/*.yaml)")
     pr.add_argument("file")
+    ck = sub.add_parser("check", help="validate every params.yaml section (types, bounds, choices, unknown keys)")
+    ck.add_argument("--params", default="params.yaml")
     sub.add_parser("link-data", help="let `dvc exp run --temp/--queue` resolve a ../-relative data.dir "
                                      "(make repro runs it; every stage does it too)")
     ln = sub.add_parser("lineage", help="print which code, params and data produced a metric or run")
@@ -110,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(shlex.quote(f) for f in preset_flags(args.file)))
     elif args.cmd == "lineage":
         _lineage(args)
+    elif args.cmd == "check":
+        _check(args.params)
     elif args.cmd == "link-data":
         _link_data()
     else:

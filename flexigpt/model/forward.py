@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import get_adapter
-from .errors import FlexiError
+from flexigpt.model.arch import arch_of
+from flexigpt.errors import FlexiError
 
 DTYPES = ("float32", "bfloat16")
 
@@ -44,21 +44,18 @@ def iter_batches(input_ids: torch.Tensor, batch_size: int) -> Iterator[torch.Ten
         yield input_ids[s:s + batch_size]
 
 
-def compute_context(dtype: str, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager:
-    """``torch.autocast`` to bfloat16 on ``device``'s type (cpu / cuda) for ``dtype="bfloat16"``, else a no-op."""
+def compute_context(dtype: str, where: nn.Module | str | torch.device = "cpu") -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to bfloat16 on the device type (cpu / cuda) of ``where`` (a model or a device)
+    for ``dtype="bfloat16"``, else a no-op: the one autocast helper of every phase."""
     if dtype == "bfloat16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        device = model_device(where) if isinstance(where, nn.Module) else torch.device(where)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (where its inputs must go)."""
     return next(model.parameters()).device
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The decoder without the LM head (``LlamaModel``, ``OPTModel``…): all blocks, no logits."""
-    return getattr(model, "base_model", model)
 
 
 @torch.inference_mode()
@@ -68,9 +65,9 @@ def mean_nll(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, 
 
     The LM head runs one sequence at a time, so the logits never exceed T x vocab floats.
     """
-    adapter = get_adapter(model)
+    arch = arch_of(model)
     input_ids = check_input_ids(input_ids)
-    body, head = backbone(model), adapter.head()
+    body, head = arch.backbone(), arch.head()
     total, count = 0.0, 0
     n_batches = math.ceil(input_ids.shape[0] / batch_size)
     device = model_device(model)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import FlexiError
+from flexigpt.errors import FlexiError
 
 
 def doc_key(text: str) -> str:

@@ -6,7 +6,7 @@ same text, tokenisation, window length and stride::
     PPL = exp( sum_{w, t} -log p(x_{w,t} | x_{w,<t}) / (W * (T - 1)) )
 
 over ``W`` windows of ``T`` tokens; the first token of each window has no context and is not
-predicted, so ``W * (T - 1)`` tokens are scored. The NLL is :func:`flexigpt.importance.mean_nll`
+predicted, so ``W * (T - 1)`` tokens are scored. The NLL is :func:`flexigpt.compress.importance.mean_nll`
 (bf16 autocast matmuls on CPU when ``dtype="bfloat16"``, float32 log-softmax).
 """
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import check_int
-from .errors import FlexiError
-from .forward import check_dtype, check_input_ids, mean_nll
+from flexigpt.config import check_int
+from flexigpt.errors import FlexiError
+from flexigpt.model.arch import arch_of
+from flexigpt.model.forward import check_dtype, check_input_ids, mean_nll
 
 WIKITEXT2_FILE = "wikitext2/test.jsonl"
 WIKITEXT2_JOIN = "\n\n"
@@ -63,19 +64,10 @@ def cut_windows(ids: torch.Tensor, window: int, max_windows: int | None = None) 
     return ids[: n * window].reshape(n, window)
 
 
-def _model_max_len(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def check_window(model: nn.Module, window: Any, param: str = "evaluate.ppl_window") -> int:
     """A window of >= 2 tokens that the model's positions can hold."""
     w = check_int(param, window, min=2)
-    limit = _model_max_len(model)
+    limit = arch_of(model).max_positions
     if limit is not None and w > limit:
         raise FlexiError(param, f"{w} tokens exceeds the model's {limit} positions", f"set `{param}` to at most {limit}")
     return w

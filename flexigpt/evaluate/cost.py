@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .arch import get_adapter
-from .config import check_int
-from .errors import FlexiError
-from .flexi_model import adapter_params, unique_params
-from .forward import check_dtype, compute_context
+from flexigpt.model.arch import arch_of
+from flexigpt.config import check_int
+from flexigpt.errors import FlexiError
+from flexigpt.model.flexi import adapter_params, unique_params
+from flexigpt.model.forward import check_dtype, compute_context, model_device
 
 
 @dataclass
@@ -51,11 +51,6 @@ class Cost:
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
-    def relative_to(self, dense: "Cost") -> dict[str, float]:
-        """Each count as a fraction of ``dense``'s."""
-        return {f"{k}_rel": (v / getattr(dense, k) if getattr(dense, k) else float("nan"))
-                for k, v in self.to_dict().items() if k not in ("attention_context",)}
-
 
 def _numel(params) -> int:
     return sum(p.numel() for p in params)
@@ -69,26 +64,18 @@ def _non_block_modules(model: nn.Module, blocks_path: str):
         yield mod
 
 
-def attention_width(model: nn.Module) -> int:
-    """num_heads x head_dim (the width of Q, K-after-repeat and V)."""
-    cfg = model.config
-    heads = int(cfg.num_attention_heads)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return heads * int(head_dim)
-
-
 def count_cost(model: nn.Module, *, context: int = 0) -> Cost:
     """Stored / total / adapter params, block executions and FLOPs per token (see module docstring)."""
     context = check_int("cost.context", context, min=0)
-    adapter = get_adapter(model)
-    blocks = list(adapter.blocks())
+    arch = arch_of(model)
+    blocks = list(arch.blocks())
     block_param = [_numel(b.parameters()) for b in blocks]
     in_blocks = {p.data_ptr() for b in blocks for p in b.parameters()}
     seen: set[int] = set()
     non_block = embed = touched_non_block = 0
-    lookup_ptrs = {p.data_ptr() for m in _non_block_modules(model, adapter.blocks_path)
+    lookup_ptrs = {p.data_ptr() for m in _non_block_modules(model, arch.blocks_path)
                    if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    for mod in _non_block_modules(model, adapter.blocks_path):
+    for mod in _non_block_modules(model, arch.blocks_path):
         for p in mod.parameters(recurse=False):
             if p.data_ptr() in in_blocks:
                 continue
@@ -100,7 +87,7 @@ def count_cost(model: nn.Module, *, context: int = 0) -> Cost:
             non_block += p.numel()
             if p.data_ptr() in lookup_ptrs:
                 embed += p.numel()
-    attn = 4 * attention_width(model) * context * len(blocks)
+    attn = 4 * arch.attention_width * context * len(blocks)
     return Cost(stored_params=unique_params(model), total_params=sum(block_param) + non_block,
                 adapter_params=adapter_params(model), block_executions=len(blocks),
                 flops_per_token=2 * (sum(block_param) + touched_non_block) + attn,
@@ -120,9 +107,10 @@ def forward_latency(model: nn.Module, batch: torch.Tensor, *, repeats: int = 5, 
     if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.is_floating_point() or batch.numel() == 0:
         raise FlexiError("cost.batch", "must be a non-empty integer tensor [B, T] of token ids",
                          "pass e.g. the first rows of the heldout split")
-    get_adapter(model)  # supported family
+    arch_of(model)  # supported family
     times = []
-    with compute_context(dtype):
+    batch = batch.to(model_device(model))
+    with compute_context(dtype, model):
         for i in range(warmup + repeats):
             t0 = time.perf_counter()
             model(input_ids=batch, use_cache=False)

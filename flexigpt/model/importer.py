@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FlexiError
+from flexigpt.config import Settings, setting
+from flexigpt.errors import FlexiError
 
 EMBEDDED = {
     # name -> (python package that ships the file, glob of the GGUF inside it)
@@ -24,19 +25,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
+class ModelSettings(Settings):
+    """Which model to start from, and how its weights are stored (params ``model.*``)."""
+
+    SECTION = "model"
+    source: str = setting("smollm2-135m", "embedded name | local HF folder | local .gguf file | hub id (online)")
+    dtype: str = setting("float32", "dtype of the imported weights on disk", choices=DTYPES)
+    trust_remote_code: bool = setting(False, "allow custom modelling code from a hub repo (off unless you trust it)")
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """A resolved ``model.source``: ``kind`` is embedded | hf_dir | gguf | hub."""
 
     kind: str
     spec: str
     path: Path | None = None  # local file or folder, when there is one
-
-    @property
-    def name(self) -> str:
-        """Short name for experiment naming: the embedded name, file stem or repo name."""
-        if self.kind == "embedded":
-            return self.spec
-        return Path(self.spec.rstrip("/")).name.removesuffix(".gguf")
 
 
 def embedded_gguf(name: str) -> Path:
@@ -144,14 +148,11 @@ def rebuild_plain(model):
 
 def model_stats(model) -> dict[str, int]:
     """Unique parameter count, block count and hidden size."""
-    seen: set[int] = set()
-    n = 0
-    for p in model.parameters():  # parameters() already de-duplicates tied tensors
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            n += p.numel()
-    cfg = model.config
-    return {"params": n, "num_blocks": int(cfg.num_hidden_layers), "hidden_size": int(cfg.hidden_size)}
+    from flexigpt.model.arch import arch_of
+    from flexigpt.model.flexi import unique_params
+
+    facts = arch_of(model).facts(model.config)
+    return {"params": unique_params(model), "num_blocks": facts.num_blocks, "hidden_size": facts.hidden_size}
 
 
 def save_plain(model, tok, out: Path) -> None:
@@ -176,20 +177,33 @@ def load_plain(path: str | os.PathLike, dtype: str = "float32"):
 
 def sha256_source(src: ModelSource) -> str | None:
     """sha256 of the source file for GGUF sources (folders are hashed on import output)."""
-    from .fileio import sha256_file
+    from flexigpt.fileio import sha256_file
 
     return sha256_file(src.path) if src.kind in ("embedded", "gguf") and src.path else None
 
 
 def load_tokenizer_and_max_len(path: str | os.PathLike):
-    """Tokenizer of an imported model and its maximum sequence length (from the config)."""
-    import json
-
+    """Tokenizer of an imported model and its maximum sequence length (None: the config sets none)."""
     from transformers import AutoTokenizer
 
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FlexiError("paths.base_model", f"no imported model at {p}", "run `dvc repro import_model` first")
-    cfg = json.loads((p / "config.json").read_text())
-    max_len = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
-    return AutoTokenizer.from_pretrained(p), int(max_len)
+    from flexigpt.model.arch import facts_of
+
+    facts = facts_of(path)  # first: names paths.base_model when the folder is not there
+    return AutoTokenizer.from_pretrained(path), facts.max_positions
+
+
+def import_model(s: ModelSettings, out: str | os.PathLike) -> dict:
+    """Resolve ``model.source``, load it and write it to ``out`` as a plain HF folder (atomically).
+
+    Returns the import metrics: parameter count, depth, width, dtype, source kind and sha256s.
+    """
+    from flexigpt.fileio import atomic_dir, sha256_tree
+
+    src = resolve_source(s.source)  # validates before any weights load
+    model, tok = load_source(src, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+    with atomic_dir(out) as tmp:
+        save_plain(model, tok, tmp)
+        hashes = sha256_tree(tmp)
+    weights = {k: v for k, v in hashes.items() if k.endswith(".safetensors")}
+    return {**model_stats(model), "dtype": s.dtype, "source_kind": src.kind, "source": src.spec,
+            "weights_sha256": weights, "source_sha256": sha256_source(src)}

@@ -1,14 +1,41 @@
 """The comparison table and chart across evaluated variants (what users read)."""
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from .lm_tasks import PAPER_TASKS, TASKS, headline
+from flexigpt.errors import FlexiError
+from flexigpt.evaluate.lm_tasks import PAPER_TASKS, TASKS, headline
+from flexigpt.fileio import atomic_file
 
 PPL_COLS = ("heldout_ppl", "wikitext2_ppl_2048", "wikitext2_ppl_512", "lmeval_wikitext_word_ppl")
+
+
+def load_results(metrics_dir: str | os.PathLike, variants: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(evaluation record, training metrics) per variant, from ``<metrics_dir>/eval/<v>.json`` and
+    ``<metrics_dir>/train_<v>.json`` (the latter only for trained variants)."""
+    results, training = {}, {}
+    for v in variants:
+        f = Path(metrics_dir) / "eval" / f"{v}.json"
+        if not f.is_file():
+            raise FlexiError("evaluate.variants", f"no evaluation of {v!r} at {f}", f"run `dvc repro evaluate@{v}`")
+        results[v] = json.loads(f.read_text())
+        t = Path(metrics_dir) / f"train_{v}.json"
+        if t.is_file():
+            training[v] = json.loads(t.read_text())
+    return results, training
+
+
+def summary(df: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+    """The headline columns per variant (what the compare stage reports as metrics)."""
+    keys = ("heldout_ppl", "wikitext2_ppl_512", "paper_avg", "retained_pct", "stored_pct_of_dense")
+    return {v: {k: (float(df.loc[v, k]) if k in df.columns and pd.notna(df.loc[v, k]) else None) for k in keys}
+            for v in df.index}
 
 
 def comparison_table(results: dict[str, dict[str, Any]], dense: str = "dense",
@@ -86,5 +113,6 @@ def plot_comparison(df: pd.DataFrame, png: str) -> None:
         axes[1].text(-0.4, 35.5, "chance ≈ 35", color="gray", fontsize=8)
         axes[1].set_title("5-task zero-shot average, % (higher is better)")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with atomic_file(png) as tmp:  # a crash never leaves a half-written picture
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import flexi_model as fm
-from .arch import get_adapter
-from .errors import FlexiError
-from .fileio import atomic_dir, sha256_file
+from flexigpt.model import flexi as fm
+from flexigpt.model.arch import arch_of
+from flexigpt.errors import FlexiError
+from flexigpt.fileio import atomic_dir, sha256_file
 
 FORMAT = "flexigpt-compact/1"
 MANIFEST = "flexigpt.json"
@@ -50,16 +50,12 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def is_adapter_key(name: str) -> bool:
-    return "lora_" in name or any(a in name for a in fm.NORM_ATTRS)
-
-
 def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict[str, int]:
     """Write ``model`` (built by :func:`flexi_model.build`) as a compact folder; returns byte counts."""
-    spec: fm.FlexiSpec = model.flexigpt_spec
+    spec = fm.spec_of(model)
     state = unique_state(model)
-    base = {k: v.contiguous() for k, v in state.items() if not is_adapter_key(k)}
-    adapters = {k: v.contiguous() for k, v in state.items() if is_adapter_key(k)}
+    base = {k: v.contiguous() for k, v in state.items() if not fm.is_adapter_param(k)}
+    adapters = {k: v.contiguous() for k, v in state.items() if fm.is_adapter_param(k)}
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(model.flexigpt_base_config, indent=2, default=str))
         save_file(base, str(tmp / "base.safetensors"), metadata={"format": FORMAT})
@@ -130,7 +126,7 @@ def dir_bytes(path: str | os.PathLike, suffix: str = ".safetensors") -> int:
 
 _REMOTE_CODE = '''"""FlexiGPT export: {base} plus gamma-only LayerNorms on the outputs of the listed blocks' sublayers.
 
-Written by flexigpt.compact.export_plain. Load with
+Written by flexigpt.model.checkpoint.export_plain. Load with
 AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).
 """
 import torch
@@ -151,7 +147,7 @@ class OutputNorm(nn.Module):
         return (F.layer_norm(h.float(), h.shape[-1:], eps=self.eps) * self.gamma.float()).to(h.dtype)
 
     def hook(self, module, args, out):
-        return self(out)
+        return (self(out[0]), *out[1:]) if isinstance(out, tuple) else self(out)
 
 
 class FlexiGPT{base}({base}):
@@ -169,10 +165,9 @@ class FlexiGPT{base}({base}):
 
 def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per-position plain weights: W = W_shared + scaling·B·A for every LoRA linear; no sharing."""
-    spec: fm.FlexiSpec = model.flexigpt_spec
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        if "lora_" in name:
+        if fm.is_lora_param(name):
             continue
         out[name.replace(".base_layer.", ".")] = t.detach().clone()
     for mname, mod in model.named_modules():
@@ -181,7 +176,6 @@ def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
             key = f"{mname}.weight"
             w = out[key]
             out[key] = (w.float() + mod.scaling[fm.ADAPTER_NAME] * (b.float() @ a.float())).to(w.dtype)
-    del spec
     return out
 
 
@@ -195,23 +189,23 @@ def export_plain(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> d
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec: fm.FlexiSpec = model.flexigpt_spec
-    adapter = get_adapter(model)
+    spec = fm.spec_of(model)
+    arch = arch_of(model)
     state = merged_state(model)
     cfg_dict = model.config.to_dict()
     base_cls = type(model).__name__
     norms = spec.output_norm and bool(spec.replaced)
     if norms:
         cfg_dict["flexigpt_output_norms"] = {"positions": spec.replaced, "eps": spec.norm_eps,
-                                             "blocks_path": adapter.blocks_path,
-                                             "attn_out": adapter.attn_out_name, "mlp_out": adapter.mlp_out_name}
+                                             "blocks_path": arch.blocks_path,
+                                             "attn_out": arch.attn_residual, "mlp_out": arch.mlp_residual}
         cfg_dict["auto_map"] = {"AutoModelForCausalLM": f"modeling_flexigpt.FlexiGPT{base_cls}"}
         cfg_dict["architectures"] = [f"FlexiGPT{base_cls}"]
     config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
     plain = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
     if norms:
         plain.flexigpt_spec = spec
-        fm.attach_output_norms(get_adapter(plain), spec.replaced, 1.0, spec.norm_eps)
+        fm.attach_output_norms(arch_of(plain), spec.replaced, 1.0, spec.norm_eps)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

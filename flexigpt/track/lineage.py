@@ -123,7 +123,7 @@ def parent_run_id(client, experiment_id: str) -> str | None:
 
 
 def _registry_key() -> str:
-    from .store import tracking_uri
+    from flexigpt.track.uri import tracking_uri
 
     return tracking_uri()
 

@@ -1,0 +1,1 @@
+"""Data: text sources (local files or a hub snapshot) and their packing into the token splits."""
