@@ -14,11 +14,11 @@ def load(path, dtype=None, verify: bool = True):
     return _load(path, dtype=dtype, verify=verify)
 
 
-def save(model, path, tokenizer=None):
-    """Save a FlexiGPT/ShortGPT/extended model in the compact format."""
+def save(model, path, tokenizer=None, merged: bool = False):
+    """Save a FlexiGPT/ShortGPT/extended model in the compact format (``merged``: kept blocks' LoRA folded)."""
     from flexigpt.model.checkpoint import save as _save
 
-    return _save(model, path, tokenizer=tokenizer)
+    return _save(model, path, tokenizer=tokenizer, merged=merged)
 
 
 def export(model, path, tokenizer=None):

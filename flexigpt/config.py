@@ -37,8 +37,9 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Params:
     """Dotted-key view of a params dict with validating getters."""
 
-    def __init__(self, data: dict[str, Any], path: str | os.PathLike = "params.yaml") -> None:
-        self.data, self.path = data, Path(path)
+    def __init__(self, data: dict[str, Any], path: str | os.PathLike = "params.yaml", *, complete: bool = False) -> None:
+        # complete: read from a params file, where every section must be present (no hidden defaults)
+        self.data, self.path, self.complete = data, Path(path), complete
 
     @classmethod
     def load(cls, path: str | os.PathLike = "params.yaml") -> "Params":
@@ -52,7 +53,7 @@ class Params:
             raise FlexiError("params.yaml", f"is not valid YAML ({e})", "fix the syntax") from None
         if not isinstance(data, dict):
             raise FlexiError("params.yaml", "top level must be a mapping", "use `key: value` groups")
-        return cls(data, p)
+        return cls(data, p, complete=True)
 
     def with_overrides(self, overrides: dict[str, Any]) -> "Params":
         """A copy with dotted keys replaced (``{"train.lr": 1e-3}``), as ``dvc exp run -S`` does."""
@@ -63,7 +64,7 @@ class Params:
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
-        return Params(data, self.path)
+        return Params(data, self.path, complete=self.complete)
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
         node: Any = self.data
@@ -107,11 +108,26 @@ class Params:
         return flatten(self.data)
 
 
+def _refuse_numeric_string(key: str, v: Any) -> None:
+    """A number YAML read as text (``1e-3`` has no dot, or it was quoted): say so, and how to write it."""
+    if not isinstance(v, str):
+        return
+    try:
+        x = float(v)
+    except ValueError:
+        return
+    plain = repr(int(x)) if x.is_integer() and abs(x) < 1e16 else repr(x)
+    sci = f"{x:.1e}".replace("e-0", "e-").replace("e+0", "e+")
+    raise FlexiError(key, f"is the string {v!r}, not a number (YAML reads exponents without a dot, "
+                     "and anything quoted, as text)", f"write `{key}: {plain}` (or `{sci}`), unquoted")
+
+
 def check_int(key: str, v: Any, *, min: int | None = None, max: int | None = None,
               allow_none: bool = False) -> int | None:
     """Validate an integer count (rejects bools, floats with fractions and strings)."""
     if v is None and allow_none:
         return None
+    _refuse_numeric_string(key, v)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
         raise FlexiError(key, f"must be a whole number, got {v!r}", f"set `{key}` to an integer")
     v = int(v)
@@ -125,6 +141,7 @@ def check_int(key: str, v: Any, *, min: int | None = None, max: int | None = Non
 def check_float(key: str, v: Any, *, min: float | None = None, max: float | None = None,
                 min_exclusive: bool = False) -> float:
     """Validate a real number, optionally bounded."""
+    _refuse_numeric_string(key, v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise FlexiError(key, f"must be a number, got {v!r}", f"set `{key}` to a number")
     v = float(v)
@@ -211,6 +228,10 @@ class Settings:
     def from_params(cls: type[S], params: "Params") -> S:
         """Build and validate from ``params`` (every key checked, unknown keys refused)."""
         prefix = f"{cls.SECTION}." if cls.SECTION else ""
+        if cls.SECTION and params.complete and cls.SECTION not in params.data:
+            raise FlexiError(cls.SECTION, f"section missing from {params.path}; its keys would silently take "
+                             "built-in defaults", f"restore the `{cls.SECTION}:` section "
+                             f"(`git checkout {params.path.name}` shows it), or write `{cls.SECTION}: {{}}` for the defaults")
         data = params.section(cls.SECTION) if cls.SECTION else params.data
         names = [f.name for f in dataclasses.fields(cls)]
         if cls.SECTION:

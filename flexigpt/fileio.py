@@ -15,6 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flexigpt.errors import FlexiError
+
+MARKER = ".flexigpt-output"
+"""A file every folder written by :func:`atomic_dir` carries: proof that a later run may replace it."""
+MARKER_TEXT = "written by flexigpt; a later run may replace this folder\n"
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
@@ -45,7 +50,71 @@ def _tmp_sibling(dest: Path, is_dir: bool) -> Path:
     return Path(name)
 
 
+def _dvc_lock_outs(root: Path) -> set[Path]:
+    """Output paths recorded in ``<root>/dvc.lock`` (what an earlier ``dvc repro`` of ours wrote)."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return set()
+    import yaml
+
+    try:
+        data = yaml.safe_load(lock.read_text()) or {}
+    except yaml.YAMLError:
+        return set()
+    outs: set[Path] = set()
+    for stage in (data.get("stages") or {}).values():
+        for out in (stage or {}).get("outs") or []:
+            if isinstance(out, dict) and isinstance(out.get("path"), str):
+                outs.add((root / out["path"]).resolve())
+    return outs
+
+
+def is_ours(dest: str | os.PathLike) -> bool:
+    """True if ``dest`` may be replaced: absent, an empty folder, a folder carrying :data:`MARKER`,
+    or an output an earlier ``dvc repro`` recorded in ``./dvc.lock`` (the file itself or a folder above it)."""
+    p = Path(dest)
+    if not p.exists() and not p.is_symlink():
+        return True
+    if p.is_dir() and not p.is_symlink() and ((p / MARKER).is_file() or not any(p.iterdir())):
+        return True
+    outs = _dvc_lock_outs(Path.cwd())
+    rp = p.resolve()
+    return any(rp == o or o in rp.parents for o in outs)
+
+
+def check_replaceable(dest: str | os.PathLike, *, kind: str, param: str = "output path") -> None:
+    """Refuse (FlexiError naming ``param``) to replace what flexigpt did not write.
+
+    ``kind`` is ``"file"`` or ``"dir"``: the kind about to be written. A file never replaces a folder;
+    a folder replaces only a folder of ours (see :func:`is_ours`) and never a file that is not ours.
+    """
+    p = Path(dest)
+    if kind == "file" and p.is_dir() and not p.is_symlink():
+        raise FlexiError(param, f"{p} is an existing folder, but a file is written there",
+                         "point it at a file path (e.g. metrics/name.json), not a folder")
+    if kind == "dir" and p.exists() and not is_ours(p):
+        what = "folder" if p.is_dir() else "file"
+        raise FlexiError(param, f"{p} is an existing {what} that flexigpt did not write (no {MARKER} in it, "
+                         "not an output in dvc.lock); replacing it would delete its contents",
+                         "choose a new or empty folder, or move it away yourself")
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` entries a killed writer left in ``folder``.
+
+    Call only while holding the project's stage lock (:func:`flexigpt.pipeline.stagekit.stage_lock`),
+    so that no live writer owns them. Returns what was removed."""
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    gone = sorted(d.glob(".*.tmp-*")) + sorted(d.glob(".*.old-*"))
+    for q in gone:
+        shutil.rmtree(q, ignore_errors=True) if q.is_dir() and not q.is_symlink() else q.unlink(missing_ok=True)
+    return gone
+
+
 def _replace(tmp: Path, dest: Path) -> None:
+    check_replaceable(dest, kind="dir" if tmp.is_dir() else "file")
     if dest.is_dir() and not dest.is_symlink():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
@@ -63,11 +132,13 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     dest = Path(dest)
     tmp = _tmp_sibling(dest, is_dir=True)
     try:
+        check_replaceable(dest, kind="dir")  # before the work, not after it
         yield tmp
+        (tmp / MARKER).write_text(MARKER_TEXT)
+        _replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace(tmp, dest)
 
 
 @contextlib.contextmanager
@@ -76,11 +147,12 @@ def atomic_file(dest: str | os.PathLike) -> Iterator[Path]:
     dest = Path(dest)
     tmp = _tmp_sibling(dest, is_dir=False)
     try:
+        check_replaceable(dest, kind="file")
         yield tmp
+        _replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _replace(tmp, dest)
 
 
 def write_json(dest: str | os.PathLike, obj: Any) -> None:

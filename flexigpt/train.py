@@ -31,7 +31,7 @@ from flexigpt.model.flexi import is_lora_param, is_output_norm_param, spec_of
 from flexigpt.config import Settings, setting
 from flexigpt.devices import resolve_device, resolve_dtype
 from flexigpt.errors import FlexiError
-from flexigpt.fileio import atomic_dir
+from flexigpt.fileio import atomic_dir, is_ours
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = ("adamw",)
@@ -85,6 +85,9 @@ def settings_from_params(p) -> TrainSettings:
     return TrainSettings.from_params(p)
 
 
+MAX_EPOCHS = 1000  # train.token_budget beyond this many passes over the split is refused
+
+
 def validate(s: TrainSettings, n_train: int, seq_len: int, world: int = 1) -> int:
     """Check settings against the train split and process count; return the number of optimizer steps."""
     if s.batch_size % (s.micro_batch * world):
@@ -97,6 +100,11 @@ def validate(s: TrainSettings, n_train: int, seq_len: int, world: int = 1) -> in
     if s.token_budget < tokens_per_step:
         raise FlexiError("train.token_budget", f"{s.token_budget} tokens is less than one batch "
                          f"({s.batch_size} x {seq_len} = {tokens_per_step})", f"set it to at least {tokens_per_step}")
+    epochs = s.token_budget / (n_train * seq_len)
+    if epochs > MAX_EPOCHS:
+        raise FlexiError("train.token_budget", f"{s.token_budget:,} tokens is {epochs:,.0f} passes over the train split "
+                         f"({n_train} x {seq_len} tokens); more than {MAX_EPOCHS} is a typo, not a schedule",
+                         f"lower it to at most {MAX_EPOCHS * n_train * seq_len:,}, or raise calibration.train_tokens")
     return s.token_budget // tokens_per_step
 
 
@@ -189,9 +197,44 @@ def save_checkpoint(path: Path, named: dict[str, nn.Parameter], opt: torch.optim
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
 
-def settings_hash(s: TrainSettings, n_train: int) -> str:
+def settings_hash(s: TrainSettings, n_train: int, inputs: str = "") -> str:
+    """Fingerprint of what a checkpoint's steps depend on: train settings, split size and ``inputs``
+    (:func:`inputs_digest` of the train tokens and the start weights)."""
     keep = {k: v for k, v in asdict(s).items() if k not in ("checkpoint_every", "resume")}
-    return hashlib.sha256(json.dumps({**keep, "n_train": n_train}, sort_keys=True).encode()).hexdigest()[:16]
+    blob = json.dumps({**keep, "n_train": n_train, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def inputs_digest(model: nn.Module, train_ids: torch.Tensor, samples: int = 4096) -> str:
+    """sha256 over the train tokens (all of them) and the start weights (every tensor's shape, dtype and
+    ``samples`` evenly spaced values, trainable tensors in full).
+
+    Why sampled: hashing every frozen weight costs minutes on a 70B model, on every rank; a rebuilt or
+    different base model changes far more than a few values, and the trainable start (SVD init) in full
+    depends on all of them.
+    """
+    h = hashlib.sha256(train_ids.detach().contiguous().cpu().numpy().tobytes())
+    for name, p in model.named_parameters():
+        t = p.detach().reshape(-1)
+        if not p.requires_grad and t.numel() > samples:
+            t = t[torch.linspace(0, t.numel() - 1, samples, device=t.device).long()]
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(t.float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_state(ckpt: Path | None) -> dict | None:
+    """A checkpoint's state.json, or None when absent; unreadable -> None with a warning (start clean)."""
+    if not ckpt or not (ckpt / "state.json").is_file():
+        return None
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step")
+        return state
+    except (ValueError, OSError) as e:
+        log.warning("checkpoint %s has an unreadable state.json (%s); starting clean", ckpt, e)
+        return None
 
 
 def load_checkpoint(path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, expect_hash: str) -> dict:
@@ -255,12 +298,15 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teache
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda st: lr_factor(st, total, s))
     start, history, tokens_seen = 0, [], 0
     ckpt = Path(ckpt_dir) if ckpt_dir else None
-    h, sh = spec_hash(model), settings_hash(s, n)
-    if ckpt and resume and (ckpt / "state.json").is_file() and \
-            json.loads((ckpt / "state.json").read_text()).get("settings_hash") != sh:
-        log.warning("checkpoint %s was written with other train settings or data; starting fresh", ckpt)
+    h, sh = spec_hash(model), settings_hash(s, n, inputs_digest(model, train_ids))
+    prev = read_state(ckpt) if resume else None
+    if prev is not None and prev.get("spec_hash") != h:
+        raise FlexiError("train.resume", f"checkpoint {ckpt} was written for a different plan/model "
+                         f"({prev.get('spec_hash')} != {h})", f"delete {ckpt} to start over, or set train.resume: false")
+    if prev is not None and prev.get("settings_hash") != sh:
+        log.warning("checkpoint %s was written with other train settings, data or start weights; starting fresh", ckpt)
         resume = False
-    if ckpt and resume and (ckpt / "state.json").is_file():
+    if ckpt and resume and prev is not None:
         st = load_checkpoint(ckpt, named, opt, h)
         start, history, tokens_seen = st["step"], st["history"], st["tokens_seen"]
         sched.load_state_dict(st["scheduler"])
@@ -303,6 +349,10 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teache
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if not all(bool(torch.isfinite(p).all()) for p in named.values()):  # the update itself can break the model
+            last = f"the last good checkpoint (step {_ckpt_step(ckpt)}) is kept in {ckpt}" if ckpt else "no checkpoint"
+            raise FlexiError("train.lr", f"the update at step {step + 1} made trainable weights NaN/inf; {last}",
+                             "lower train.lr or train.norm_lr_mult, keep train.grad_clip > 0, then rerun to resume")
         tokens_seen += s.batch_size * seq_len
         dt = time.time() - t0
         rec = {"step": step + 1, "loss": loss_mean, "lr": lr_used, "grad_norm": float(gnorm),
@@ -318,7 +368,7 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teache
                                                        "settings_hash": sh})
             acc.wait_for_everyone()
     wall = time.time() - t_run
-    if ckpt and acc.is_main_process and (ckpt / "state.json").is_file():
+    if ckpt and acc.is_main_process and (ckpt / "state.json").is_file() and is_ours(ckpt):
         import shutil
 
         shutil.rmtree(ckpt, ignore_errors=True)  # the finished model is the artifact; a stale checkpoint would mislead
@@ -379,9 +429,8 @@ def train_variant(variant: str, r, s: TrainSettings, paths: dict[str, Path], *, 
 
 
 def _ckpt_step(ckpt: Path | None) -> int | None:
-    if ckpt and (ckpt / "state.json").is_file():
-        return json.loads((ckpt / "state.json").read_text())["step"]
-    return None
+    state = read_state(ckpt)
+    return state["step"] if state else None
 
 
 class _null:

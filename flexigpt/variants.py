@@ -286,6 +286,18 @@ def load_variant(variant: str, path: str | os.PathLike, base_model: str | os.Pat
                      "point it at artifacts/base_model, artifacts/plan or a compact folder (artifacts/trained/...)")
 
 
+def check_folder(variant: str, path: str | os.PathLike) -> Path:
+    """An evaluated variant's folder holds a model, a plan or a compact checkpoint (checked before any load)."""
+    p = Path(path)
+    param = f"evaluate.variants.{variant}"
+    if not p.is_dir():
+        raise FlexiError(param, f"{p} does not exist", "run the stage that writes it (see `dvc dag`), or fix the path")
+    if not any((p / f).is_file() for f in (checkpoint.MANIFEST, "plan.json", "config.json")):
+        raise FlexiError(param, f"{p} holds no model ({checkpoint.MANIFEST}, plan.json or config.json)",
+                         "point it at artifacts/base_model, artifacts/plan or a compact folder (artifacts/trained/...)")
+    return p
+
+
 def training_start(variant: str, r: Recipe, base_model: str | os.PathLike, plan_dir: str | os.PathLike,
                    init_dir: str | os.PathLike):
     """(model to train, base model, tokenizer): from the svd_init artifact or built from the base (+ plan)."""

@@ -14,6 +14,9 @@ from flexigpt.errors import FlexiError
 from flexigpt.evaluate import cost, lm_tasks
 from flexigpt.evaluate.suite import EvaluateSettings, evaluate_model
 from flexigpt.fileio import sha256_file, write_json
+from flexigpt.model.arch import facts_of
+from flexigpt.model.importer import load_plain
+from flexigpt.serve.speed import variant_speed
 from flexigpt.pipeline.stagekit import StageContext, log, stage_main
 
 
@@ -21,6 +24,7 @@ def body(ctx: StageContext, variant: str) -> None:
     s, r = EvaluateSettings.from_params(ctx.params), variants.Recipe.from_params(ctx.params)
     if variant not in s.variants:
         raise FlexiError("variant", f"unknown variant {variant!r}", f"use one of {sorted(s.variants)} (evaluate.variants)")
+    variants.get(variant)  # a registered variant: its name says how its folder is read
     files = s.data_files(data_dir(ctx.params))  # every input checked before any model loads
     out_file = ctx.path("metrics_dir") / "eval" / f"{variant}.json"
     if not variants.applicable(variant, r):
@@ -28,6 +32,8 @@ def body(ctx: StageContext, variant: str) -> None:
         write_json(out_file, {"variant": variant, "mode": r.mode, "applicable": False})
         write_json(ctx.path("eval") / variant / "not_applicable.json", {"variant": variant, "mode": r.mode})
         return
+    variants.check_folder(variant, s.variants[variant])
+    s.check_model(facts_of(ctx.path("base_model")).max_positions)
     heldout = load_split(ctx.path("data"), "heldout")
     model, tok = variants.load_variant(variant, s.variants[variant], ctx.path("base_model"), r)
     place(model, ctx.device)
@@ -37,6 +43,11 @@ def body(ctx: StageContext, variant: str) -> None:
     batch = heldout[:1]
     ctx.timing.update(latency_s=cost.forward_latency(model, batch, repeats=3, dtype=record["dtype"])["median_s"],
                       latency_tokens=int(batch.numel()))  # wall-clock: run record only, never in results
+    if variant != "dense":  # ratios to dense, timed side by side in this process (run record only)
+        dense, _ = load_plain(ctx.path("base_model"))
+        place(dense, ctx.device)
+        ctx.timing["speed"] = variant_speed(model, dense, heldout, dtype=record["dtype"])
+        log.info("%s speed vs dense: %s", variant, ctx.timing["speed"])
     eval_dir = ctx.path("eval") / variant
     eval_dir.mkdir(parents=True, exist_ok=True)
     lm_tasks.save_results(raw, eval_dir / "lm_eval_results.json")

@@ -16,4 +16,4 @@ def body(ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    stage_main("import_model", body)
+    stage_main("import_model", body, outputs=("base_model", "import_metrics"))

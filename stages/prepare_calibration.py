@@ -25,4 +25,4 @@ def body(ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    stage_main("prepare_calibration", body)
+    stage_main("prepare_calibration", body, outputs=("data", "data_metrics"))

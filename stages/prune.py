@@ -29,4 +29,4 @@ def body(ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    stage_main("prune", body)
+    stage_main("prune", body, outputs=("plan", "prune_metrics", "distance_plot", "distance_png", "pruned_png"))

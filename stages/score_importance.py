@@ -36,4 +36,4 @@ def body(ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    stage_main("score_importance", body)
+    stage_main("score_importance", body, outputs=("importance", "importance_metrics", "importance_plot", "importance_png"))

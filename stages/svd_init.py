@@ -24,4 +24,4 @@ def body(ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    stage_main("svd_init", body)
+    stage_main("svd_init", body, outputs=("flexigpt_init", "svd_init_metrics"))

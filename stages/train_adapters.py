@@ -1,5 +1,6 @@
-"""Stage train_<variant>: train a variant's adapters (+ norms); run it with `accelerate launch`.
+"""Stage train_<variant>: train a variant's adapters (+ norms), under `accelerate launch`.
 
+    python stages/train_adapters.py --variant flexigpt      # relaunches itself with params train_launch.config
     accelerate launch --config_file configs/accelerate_cpu_ddp.yaml stages/train_adapters.py --variant flexigpt
 """
 import _env  # noqa: F401  (first: one clear line instead of a traceback outside the project's environment)
@@ -7,6 +8,7 @@ import argparse
 
 from flexigpt import variants
 from flexigpt.fileio import atomic_file, write_json
+from flexigpt.pipeline.launch import relaunch
 from flexigpt.pipeline.stagekit import StageContext, is_main_process, log, stage_main
 from flexigpt.train import TrainSettings, train_variant
 
@@ -36,4 +38,5 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", choices=variants.trainable(), required=True)
     a = ap.parse_args()
-    stage_main(f"train_{a.variant}", lambda ctx: body(ctx, a.variant))
+    relaunch()  # under accelerate launch (train_launch.config); exits with the child's status and message
+    stage_main(f"train_{a.variant}", lambda ctx: body(ctx, a.variant), outputs=(f"trained/{a.variant}",))

@@ -84,5 +84,5 @@ def dvc_project(tmp_path_factory):
         pytest.fail(f"offline data not found at {DATA_DIR}; set FLEXIGPT_TEST_DATA_DIR")
     proj = copy_project(DATA_DIR, tmp_path_factory.mktemp("clone"))
     t0 = time.time()
-    ran, _ = run_in(proj, ["make", "repro", f"VENV={sys.prefix}"], with_venv=False)
+    ran, _ = run_in(proj, ["make", "repro", f"VENV={sys.prefix}", "-o", f"{sys.prefix}/.installed"], with_venv=False)
     return proj, ran, time.time() - t0

@@ -55,7 +55,8 @@ def base_params(tmp: Path, model_source: str = "smollm2-135m") -> dict:
     p["model"]["source"] = model_source
     p["data"]["dir"] = str(tmp / "data")
     for k, v in p["paths"].items():
-        p["paths"][k] = str(tmp / v)
+        p["paths"][k] = str(tmp / v) if isinstance(v, str) else v
+    p["paths"]["outside_project"] = True  # stages run from the repo, writing under tmp
     p["train_launch"]["config"] = str(ROOT / p["train_launch"]["config"])
     return p
 
@@ -163,7 +164,8 @@ def project_params(project: Path) -> dict:
     """The copy's params with every path made absolute (for running its stages directly)."""
     p = yaml.safe_load((project / "params.yaml").read_text())
     p["data"]["dir"] = str((project / p["data"]["dir"]).resolve())
-    p["paths"] = {k: str(project / v) for k, v in p["paths"].items()}
+    p["paths"] = {k: str(project / v) if isinstance(v, str) else v for k, v in p["paths"].items()}
+    p["paths"]["outside_project"] = True  # run from the repo, writing into the copy
     p["train_launch"]["config"] = str(project / p["train_launch"]["config"])
     p["evaluate"]["variants"] = {k: str(project / v) for k, v in p["evaluate"]["variants"].items()}
     return p

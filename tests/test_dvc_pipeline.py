@@ -49,7 +49,7 @@ def test_make_repro_from_a_clean_shell(dvc_project):
     assert metrics["runtime"]["dtype"] in ("float32", "bfloat16") and "latency_s" not in metrics["cost"]
     assert (project / ".dvc/tmp/exps/standalone/shared").is_symlink()  # made by make repro, for --temp runs
 
-    ran, _ = run_in(project, ["make", "repro", f"VENV={sys.prefix}"], with_venv=False)
+    ran, _ = run_in(project, ["make", "repro", f"VENV={sys.prefix}", "-o", f"{sys.prefix}/.installed"], with_venv=False)
     assert ran == set(), f"a second make repro reran {sorted(ran)}"
 
 

@@ -62,9 +62,14 @@ def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer
         raise FlexiError("model", "the tokenizer has no EOS token to separate documents", "use a tokenizer with eos_token")
     sep = [eos]
     rng = random.Random(spec.seed)
-    order = list(range(len(pool_docs)))
+    seen: set[str] = set()
+    order = []  # each distinct document once: a duplicate could otherwise land in two splits
+    for i, d in enumerate(pool_docs):
+        if (k := doc_key(d)) not in seen:
+            seen.add(k)
+            order.append(i)
     rng.shuffle(order)
-    stats: dict = {}
+    stats: dict = {"pool_duplicate_docs_dropped": len(pool_docs) - len(order)}
     if heldout_docs is None:  # carve heldout documents from the shuffled pool first
         toks_all = tokenizer([pool_docs[i] for i in order], add_special_tokens=False)["input_ids"]
         need = (spec.n_heldout or 0) * spec.seq_len

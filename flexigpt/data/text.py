@@ -27,7 +27,7 @@ class TextSource:
 
 
 def _read_jsonl(path: Path, text_field: str, param: str) -> list[str]:
-    docs = []
+    docs, bad = [], []
     with open(path, encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
             if not line.strip():
@@ -39,7 +39,13 @@ def _read_jsonl(path: Path, text_field: str, param: str) -> list[str]:
             if not isinstance(row, dict) or text_field not in row:
                 raise FlexiError(param, f"{path}:{ln} has no field {text_field!r}",
                                  "set the text_field param to the field that holds the text")
-            docs.append(str(row[text_field]))
+            if not isinstance(row[text_field], str):
+                bad.append(ln)
+                continue
+            docs.append(row[text_field])
+    if bad:  # str(None) would be packed as the word "None"
+        raise FlexiError(param, f"{path}: {len(bad)} row(s) have a null or non-string {text_field!r} "
+                         f"(first at line {bad[0]})", "remove those rows, or make the field a string")
     return docs
 
 

@@ -48,6 +48,13 @@ class EvaluateSettings(Settings):
                 raise FlexiError(f"evaluate.variants.{name}", f"must be a folder path, got {path!r}",
                                  "write e.g. `flexigpt: artifacts/trained/flexigpt`")
 
+    def check_model(self, max_positions: int | None) -> None:
+        """Checks against the evaluated model's context, before any evaluation starts."""
+        for w in self.ppl_windows:
+            if max_positions is not None and w > max_positions:
+                raise FlexiError("evaluate.ppl_windows", f"window {w} exceeds the model's {max_positions} positions",
+                                 f"use windows of at most {max_positions} tokens, e.g. [{min(2048, max_positions)}, 512]")
+
     @property
     def all_tasks(self) -> list[str]:
         """The tasks run through lm-eval: the accuracy tasks, plus ``wikitext`` when asked for."""

@@ -7,6 +7,17 @@ Layout of a compact folder::
     adapters.safetensors   LoRA A/B and output-norm γ
     flexigpt.json          format version, FlexiSpec (layer map), sha256 of every tensor and file
 
+Two forms, both read by :func:`load` (``flexigpt.json`` ``form``; absent = unmerged):
+
+* ``unmerged`` (default): the model as trained, LoRA on every kept block too, so every block runs
+  an adapter at inference.
+* ``merged`` (``save(..., merged=True)``, :func:`merge`): each kept block's LoRA is folded into its
+  (shared) weights, ``W_k' = W_k + s B_k A_k``; a replaced position ``p`` that shares block ``k``
+  then gets the exact correction ``B' = [s_p B_p, -s B_k]``, ``A' = [A_p; A_k]`` (rank 2r,
+  scaling 1), so ``W_k' + B'A' = W_k + s_p B_p A_p``. Kept blocks run no adapter; only the replaced
+  positions do. It is an ordinary layer map (a :class:`~flexigpt.model.flexi.FlexiSpec` with
+  rank-2r LoRA on the replaced positions only), so loading it needs nothing new.
+
 ``export_plain`` instead writes per-position copies with the adapters merged: it is loadable
 by ``AutoModelForCausalLM`` but gives up the storage saving (shared blocks are written once per
 position).
@@ -16,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,6 +42,8 @@ from flexigpt.fileio import atomic_dir, sha256_file
 
 FORMAT = "flexigpt-compact/1"
 MANIFEST = "flexigpt.json"
+FORMS = ("unmerged", "merged")
+MANIFEST_KEYS = ("format", "spec", "tensors", "files")
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -50,8 +65,14 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict[str, int]:
-    """Write ``model`` (built by :func:`flexi_model.build`) as a compact folder; returns byte counts."""
+def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, merged: bool = False) -> dict[str, int]:
+    """Write ``model`` (built by :func:`flexi_model.build`) as a compact folder; returns byte counts.
+
+    ``merged``: write the merged form (kept blocks' LoRA folded, see the module docstring); ``model``
+    itself is left as it is.
+    """
+    if merged:
+        model = merge(model)
     spec = fm.spec_of(model)
     state = unique_state(model)
     base = {k: v.contiguous() for k, v in state.items() if not fm.is_adapter_param(k)}
@@ -68,6 +89,10 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict[str,
             "tensors": {k: tensor_sha256(v) for k, v in state.items()},
             "files": {f: sha256_file(tmp / f) for f in ("base.safetensors", "adapters.safetensors")},
         }
+        if form_of(model) == "merged":  # unmerged manifests stay byte-identical to before the merged form
+            manifest["form"] = "merged"
+            if getattr(model, "flexigpt_merged_from", None) is not None:
+                manifest["merged_from"] = model.flexigpt_merged_from.to_dict()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {"base_bytes": (Path(path) / "base.safetensors").stat().st_size,
             "adapter_bytes": (Path(path) / "adapters.safetensors").stat().st_size}
@@ -77,10 +102,35 @@ def _read_manifest(p: Path) -> dict:
     if not (p / MANIFEST).is_file():
         raise FlexiError("checkpoint", f"{p} has no {MANIFEST}, so it is not a flexigpt compact checkpoint",
                          "point at a folder written by flexigpt.save (e.g. artifacts/flexigpt_init)")
-    m = json.loads((p / MANIFEST).read_text())
-    if m.get("format") != FORMAT:
-        raise FlexiError("checkpoint", f"format {m.get('format')!r} is not {FORMAT!r}", "re-save it with this version")
+    fix = "re-run the stage that wrote it (svd_init / train_*), or re-save it with flexigpt.save"
+    try:
+        m = json.loads((p / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # truncated or garbage: name the file, not a traceback
+        raise FlexiError("checkpoint", f"{p / MANIFEST} is not valid JSON (truncated or corrupt: {e})", fix) from None
+    if not isinstance(m, dict):
+        raise FlexiError("checkpoint", f"{p / MANIFEST} holds a {type(m).__name__}, not a manifest object", fix)
+    missing = [k for k in MANIFEST_KEYS if k not in m]
+    if missing:
+        raise FlexiError("checkpoint", f"{p / MANIFEST} lacks the keys {missing}", fix)
+    if m["format"] != FORMAT:
+        raise FlexiError("checkpoint", f"format {m['format']!r} is not {FORMAT!r}", "re-save it with this version")
+    bad = [k for k in MANIFEST_KEYS[1:] if not isinstance(m[k], dict)]
+    if bad or m.get("form", "unmerged") not in FORMS:
+        raise FlexiError("checkpoint", f"{p / MANIFEST} has malformed entries {bad or ['form']}", fix)
+    for key in ("spec", "merged_from"):
+        if key in m:
+            _spec(m, key, p)  # a malformed layer map fails here, before any weights load
     return m
+
+
+def _spec(m: dict, key: str, p: Path) -> fm.FlexiSpec:
+    """The manifest's layer map ``key`` as a FlexiSpec, or a FlexiError naming the file."""
+    try:
+        return fm.FlexiSpec.from_dict(m[key])
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise FlexiError("checkpoint", f"{p / MANIFEST} has a malformed layer map ({key}): {e}",
+                         "re-run the stage that wrote it (svd_init / train_*), or re-save it with flexigpt.save"
+                         ) from None
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool = True) -> nn.Module:
@@ -108,13 +158,16 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool
     config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
     first = next(iter(tensors.values()))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or first.dtype)
-    fm.build(model, fm.FlexiSpec.from_dict(man["spec"]), init=False)
+    fm.build(model, _spec(man, "spec", p), init=False)
     expected = set(unique_state(model))
     if expected != set(tensors):
         raise FlexiError("checkpoint", f"tensor names do not match the layer map "
                          f"(extra {sorted(set(tensors) - expected)[:3]}, missing {sorted(expected - set(tensors))[:3]})",
                          "re-save the checkpoint")
     model.load_state_dict(tensors, strict=False)
+    if man.get("form") == "merged":
+        model.flexigpt_form = "merged"
+        model.flexigpt_merged_from = _spec(man, "merged_from", p) if "merged_from" in man else None
     if dtype is not None:
         model.to(dtype)
     return model.eval()
@@ -122,6 +175,120 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool
 
 def dir_bytes(path: str | os.PathLike, suffix: str = ".safetensors") -> int:
     return sum(f.stat().st_size for f in Path(path).rglob(f"*{suffix}"))
+
+
+# -- the merged form ------------------------------------------------------------------------------
+
+def form_of(model: nn.Module) -> str:
+    """``merged`` for a model from :func:`merge` (or loaded from a merged folder), else ``unmerged``."""
+    return getattr(model, "flexigpt_form", "unmerged")
+
+
+def _owners(spec: fm.FlexiSpec) -> dict[int, int]:
+    """Replaced position -> the kept position holding the weights it shares (when there is one)."""
+    replaced = set(spec.replaced)
+    holder = {s: p for p, s in enumerate(spec.sources) if p not in replaced}
+    return {p: holder[spec.sources[p]] for p in spec.replaced if spec.sources[p] in holder}
+
+
+def merged_spec(spec: fm.FlexiSpec) -> fm.FlexiSpec:
+    """The layer map of the merged form: no LoRA on kept positions; rank-2r, scaling-1 LoRA on the
+    replaced positions that had their own LoRA or share a folded block. Nothing to fold: ``spec``."""
+    lora_on, replaced = set(spec.lora_positions), set(spec.replaced)
+    folded = lora_on - replaced
+    if not folded:
+        return spec
+    owners = _owners(spec)
+    corrected = [p for p in spec.replaced if p in lora_on or owners.get(p) in folded]
+    r2 = 2 * spec.lora.rank
+    lora = fm.LoraSettings(rank=r2, alpha=r2, targets=list(spec.lora.targets), init="zeros")
+    return replace(spec, lora_positions=corrected, lora=lora)
+
+
+def _scaled_lora(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scaling·B, A) of a PEFT LoRA linear, in float32; None for a plain linear."""
+    if not (hasattr(mod, "lora_A") and fm.ADAPTER_NAME in mod.lora_A):
+        return None
+    a, b = mod.lora_A[fm.ADAPTER_NAME].weight, mod.lora_B[fm.ADAPTER_NAME].weight
+    return mod.scaling[fm.ADAPTER_NAME] * b.detach().float(), a.detach().float()
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """A new model in the merged form (module docstring); ``model`` is not changed.
+
+    Logits agree with ``model``'s to float rounding (``tests/test_serve.py``). A model already merged,
+    or with nothing to fold (no LoRA on kept positions), is returned as is.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = fm.spec_of(model)
+    if spec is None:
+        raise FlexiError("checkpoint", "the model is not a flexigpt model (no layer map), so it has no merged form",
+                         "merge a model built by flexigpt (variants.build_variant) or loaded with flexigpt.load")
+    mspec = merged_spec(spec)
+    if form_of(model) == "merged" or mspec is spec:
+        return model
+    arch, owners = arch_of(model), _owners(spec)
+    targets = fm.resolved_targets(arch, spec.lora)
+    for p in mspec.lora_positions:
+        for n, w in arch.weights(p).items():
+            if n.rsplit(".", 1)[-1] in targets and 2 * spec.lora.rank > min(w.shape):
+                raise FlexiError("adapters.rank", f"the merged form needs rank {2 * spec.lora.rank} on {n} "
+                                 f"({tuple(w.shape)}), more than it has", "save the unmerged form (merged=False)")
+    # W_k' = W_k + s B_k A_k for every kept position with LoRA, keyed by the shared tensor's storage
+    folded: dict[int, torch.Tensor] = {}
+    for k in sorted(set(spec.lora_positions) - set(spec.replaced)):
+        for n, mod in arch.linears(k).items():
+            if (ba := _scaled_lora(mod)) is not None:
+                w = mod.base_layer.weight
+                folded[w.data_ptr()] = (w.detach().float() + ba[0] @ ba[1]).to(w.dtype)
+    cfg = dict(model.flexigpt_base_config)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    dtype = next(model.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):  # the skeleton's random init must not move the caller's RNG
+        out = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        fm.build(out, mspec, init=False)
+    src = {n.replace(".base_layer.", "."): t for n, t in model.state_dict().items() if not fm.is_lora_param(n)}
+    state = {}
+    for name in out.state_dict():
+        if not fm.is_lora_param(name):
+            t = src[name.replace(".base_layer.", ".")]
+            state[name] = folded.get(t.data_ptr(), t)
+    out.load_state_dict(state, strict=False)
+    out_arch = arch_of(out)
+    with torch.no_grad():
+        for p in mspec.lora_positions:  # exact corrections [s_p B_p, -s B_k] [A_p; A_k]
+            for n, mod in out_arch.linears(p).items():
+                if not hasattr(mod, "lora_A"):
+                    continue
+                w, r = arch.weights(p)[n], spec.lora.rank
+                zero = (w.new_zeros((w.shape[0], r), dtype=torch.float32),
+                        w.new_zeros((r, w.shape[1]), dtype=torch.float32))
+                own = _scaled_lora(arch.linears(p)[n]) or zero
+                kept = _scaled_lora(arch.linears(owners[p])[n]) if p in owners else None
+                kept = kept or zero
+                mod.lora_B[fm.ADAPTER_NAME].weight.copy_(torch.cat([own[0], -kept[0]], dim=1))
+                mod.lora_A[fm.ADAPTER_NAME].weight.copy_(torch.cat([own[1], kept[1]], dim=0))
+    out.flexigpt_form, out.flexigpt_merged_from = "merged", spec
+    return out.to(next(model.parameters()).device).eval()
+
+
+def form_sizes(model: nn.Module, tokenizer=None) -> dict[str, dict[str, int]]:
+    """Stored parameters and on-disk bytes of both forms of ``model`` (each saved to a temp folder).
+
+    Returns ``{"unmerged": {...}, "merged": {...}}`` with ``stored_params`` (every tensor once),
+    ``adapter_params`` (LoRA and output norms) and ``bytes`` (the folder's safetensors files).
+    """
+    forms = {"merged": merge(model)}
+    if form_of(model) == "unmerged":  # a model loaded merged: its unmerged form is not known here
+        forms = {"unmerged": model, **forms}
+    out: dict[str, dict[str, int]] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for form, m in forms.items():
+            save(m, Path(d) / form, tokenizer=tokenizer)
+            out[form] = {"stored_params": fm.unique_params(m), "adapter_params": fm.adapter_params(m),
+                         "bytes": dir_bytes(Path(d) / form)}
+    return out
 
 
 _REMOTE_CODE = '''"""FlexiGPT export: {base} plus gamma-only LayerNorms on the outputs of the listed blocks' sublayers.

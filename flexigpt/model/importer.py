@@ -92,13 +92,17 @@ def resolve_source(spec: str) -> ModelSource:
         check_gguf(p)
         return ModelSource("gguf", spec, p)
     if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise FlexiError("model.source", f"folder {p} has no config.json, so it is not a HF model folder",
-                             "point it at a folder written by save_pretrained")
+        check_hf_folder(p)
         return ModelSource("hf_dir", spec, p)
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+    local_looking = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or \
+        (p.parent != Path(".") and p.parent.is_dir())
+    if local_looking:  # `models/foo` with a local models/ folder is a path with a typo, not a hub id
+        raise FlexiError("model.source", f"local folder {p} ({p.resolve()}) does not exist",
+                         "check the path (relative to the project root), or give an existing HF folder or .gguf")
+    if _HUB_ID.match(spec):
         if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FlexiError("model.source", f"{spec!r} looks like a hub id, but HF_HUB_OFFLINE=1",
+            raise FlexiError("model.source", f"{spec!r} is no local folder ({p.resolve()} does not exist) and looks "
+                             "like a hub id, but HF_HUB_OFFLINE=1",
                              "download it while online, or point model.source at a local folder or .gguf")
         return ModelSource("hub", spec)
     raise FlexiError("model.source", f"unknown source {spec!r}: not an embedded name, an existing folder, "
@@ -106,10 +110,44 @@ def resolve_source(spec: str) -> ModelSource:
                      f"use one of {sorted(EMBEDDED)}, a path to a HF folder or .gguf file, or `org/name`")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_hf_folder(p: Path, param: str = "model.source") -> None:
+    """A local HF folder: config, safetensors weights with readable headers, tokenizer files (no weights loaded)."""
+    if not (p / "config.json").is_file():
+        raise FlexiError(param, f"folder {p} has no config.json, so it is not a HF model folder",
+                         "point it at a folder written by save_pretrained")
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise FlexiError(param, f"{p} holds only pickled weights ({', '.join(pickled[:3])}); pickled weights are "
+                             "refused (loading a pickle can run arbitrary code)",
+                             "convert them to safetensors (e.g. `model.save_pretrained(out, safe_serialization=True)` "
+                             "in a trusted environment)")
+        raise FlexiError(param, f"folder {p} has no *.safetensors weights", "point it at a complete HF model folder")
+    from safetensors import safe_open
+
+    for f in weights:
+        try:
+            with safe_open(str(f), "pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001  (SafetensorError and friends)
+            raise FlexiError(param, f"{f} is not a readable safetensors file ({type(e).__name__}: {e})",
+                             "re-download or re-save the model") from None
+    if not any((p / t).is_file() for t in TOKENIZER_FILES):
+        raise FlexiError(param, f"folder {p} has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
+                         "save the tokenizer there too (`tokenizer.save_pretrained(folder)`)")
+
+
 def load_source(src: ModelSource, dtype: str = "float32", trust_remote_code: bool = False):
     """Load (model, tokenizer) from a resolved source, as a plain, saveable transformers model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safetensors import SafetensorError
 
     torch_dtype = getattr(torch, dtype)
     if src.kind in ("embedded", "gguf"):
@@ -121,10 +159,20 @@ def load_source(src: ModelSource, dtype: str = "float32", trust_remote_code: boo
         del gguf_model
     else:
         where = str(src.path) if src.path else src.spec
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32,
-                                                     trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise FlexiError("model.source", f"the tokenizer of {where} cannot be loaded ({e})",
+                             "add complete tokenizer files (tokenizer.json, tokenizer_config.json) to the folder") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32,
+                                                         trust_remote_code=trust_remote_code,
+                                                         use_safetensors=True)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            if isinstance(e, ValueError) and "trust_remote_code" in str(e):
+                raise
+            raise FlexiError("model.source", f"the weights of {where} cannot be loaded ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300]})", "re-download or re-save the model as safetensors") from None
     model = model.to(torch_dtype).eval()
     return model, tok
 
@@ -164,14 +212,20 @@ def save_plain(model, tok, out: Path) -> None:
 def load_plain(path: str | os.PathLike, dtype: str = "float32"):
     """Load an imported HF folder (safetensors only, no remote code)."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FlexiError("model", f"no imported model at {p}", "run the import_model stage first (`dvc repro import_model`)")
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype), use_safetensors=True,
-                                                 trust_remote_code=False).eval()
-    tok = AutoTokenizer.from_pretrained(p)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype), use_safetensors=True,
+                                                     trust_remote_code=False).eval()
+        tok = AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise FlexiError("paths.base_model", f"the model at {p} cannot be loaded ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]})",
+                         "re-run the import_model stage (`dvc repro -f import_model`)") from None
     return model, tok
 
 
@@ -201,9 +255,43 @@ def import_model(s: ModelSettings, out: str | os.PathLike) -> dict:
 
     src = resolve_source(s.source)  # validates before any weights load
     model, tok = load_source(src, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+    sanity = sanity_ppl(model, tok) if src.kind in ("embedded", "gguf") else None
     with atomic_dir(out) as tmp:
         save_plain(model, tok, tmp)
         hashes = sha256_tree(tmp)
     weights = {k: v for k, v in hashes.items() if k.endswith(".safetensors")}
-    return {**model_stats(model), "dtype": s.dtype, "source_kind": src.kind, "source": src.spec,
-            "weights_sha256": weights, "source_sha256": sha256_source(src)}
+    out_metrics = {**model_stats(model), "dtype": s.dtype, "source_kind": src.kind, "source": src.spec,
+                   "weights_sha256": weights, "source_sha256": sha256_source(src)}
+    if sanity is not None:
+        out_metrics["sanity_ppl"] = sanity
+    return out_metrics
+
+
+SANITY_TEXT = ("The history of the city goes back more than two thousand years. It was founded on the banks of a "
+               "river, where traders met to exchange grain, salt and cloth. Over the centuries it grew into a centre "
+               "of learning, with a university, a large library and many churches. Today it is known for its old "
+               "town, its museums and its annual music festival, which attracts visitors from all over the world.")
+SANITY_PPL_MAX = 200.0  # a working LM reads plain English well below this; corrupt weights land in the thousands
+
+
+def sanity_ppl(model, tok) -> float:
+    """Perplexity on a fixed English paragraph; warns above :data:`SANITY_PPL_MAX`.
+
+    Why: GGUF carries no checksum, so flipped tensor bytes import silently; this catches a broken model
+    before hours of scoring and training are spent on it.
+    """
+    import logging
+    import math
+
+    import torch
+
+    ids = torch.tensor([tok(SANITY_TEXT, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
+    ppl = math.exp(min(nll, 20.7)) if math.isfinite(nll) else 1e9  # capped near 1e9: JSON has no inf
+    if not ppl <= SANITY_PPL_MAX:
+        logging.getLogger(__name__).warning(
+            "the imported model reads a plain English paragraph at perplexity %.1f (> %.0f): its weights may be "
+            "corrupt (GGUF has no checksum); re-download the file if results look wrong", ppl, SANITY_PPL_MAX)
+    return round(ppl, 4)

@@ -41,13 +41,17 @@ def _fetch_text(args: argparse.Namespace) -> None:
     from flexigpt.data.text import read_hub
     import json
 
+    from flexigpt.fileio import check_replaceable
+
     try:
+        check_replaceable(args.out, kind="file", param="--out")  # before the download, and never over a folder
         src = read_hub(args.spec, args.text_field, "spec")
+        with atomic_file(args.out) as tmp, open(tmp, "w") as f:
+            for d in src.docs:
+                f.write(json.dumps({"text": d}) + "\n")
     except FlexiError as e:
-        sys.exit(f"error: {e}")
-    with atomic_file(args.out) as tmp, open(tmp, "w") as f:
-        for d in src.docs:
-            f.write(json.dumps({"text": d}) + "\n")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {len(src.docs)} documents to {args.out}")
 
 
@@ -93,6 +97,65 @@ def _link_data() -> None:
         print(f"linked {path} -> {path.resolve()} (for dvc exp run --temp/--queue)")
 
 
+# library param -> the generate subcommand's flag, so an error names what the user typed
+_GENERATE_FLAGS = {"prompt": "--prompt", "max_new_tokens": "--max-new-tokens", "draft_tokens": "--draft-tokens",
+                   "speculative": "--speculative", "skip": "--skip", "checkpoint": "--model",
+                   "sampling": "--temperature"}
+
+
+def _generate(args: argparse.Namespace) -> None:
+    """Greedy decoding of a saved model, optionally self-speculative (flexigpt.serve); errors exit 2."""
+    from flexigpt.errors import FlexiError
+
+    try:
+        text, stats = _generate_text(args)
+    except FlexiError as e:
+        e = FlexiError(_GENERATE_FLAGS.get(e.param, e.param), e.problem, e.fix)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(text)
+    if args.speculative:
+        print(f"speculative: K={stats.draft_tokens} skipped blocks {stats.skipped}: accepted {stats.accepted}/"
+              f"{stats.drafted} drafted tokens ({100 * stats.acceptance_rate:.1f}%), {stats.rounds} rounds, "
+              f"{stats.tokens_per_round:.2f} tokens/round", file=sys.stderr)
+
+
+def _generate_text(args: argparse.Namespace):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from flexigpt.errors import FlexiError
+    from flexigpt.model import checkpoint
+    from flexigpt.serve import check_greedy, generate
+
+    folder = Path(args.model)
+    check_greedy({"do_sample": args.do_sample, "temperature": args.temperature})  # before any loading
+    try:
+        skip = [int(x) for x in args.skip.split(",")] if args.skip else None
+    except ValueError:
+        raise FlexiError("skip", f"{args.skip!r} is not a comma-separated list of block positions",
+                         "write e.g. --skip 12,15,18") from None
+    if (folder / checkpoint.MANIFEST).is_file():
+        model = checkpoint.load(folder)
+    elif (folder / "config.json").is_file():
+        from flexigpt.model.importer import load_plain
+
+        model = load_plain(folder)[0]
+    else:
+        raise FlexiError("checkpoint", f"{folder} holds no model ({checkpoint.MANIFEST} or config.json)",
+                         "point --model at a compact folder (artifacts/trained/flexigpt) or a HF folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        raise FlexiError("checkpoint", f"{folder} has no tokenizer files",
+                         "save the model with its tokenizer (flexigpt.save(model, path, tokenizer=tok))") from None
+    hf_logging.set_verbosity_error()  # transformers' generate() notices are not the user's business here
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    out, stats = generate(model, ids, args.max_new_tokens, speculative=args.speculative,
+                          draft_tokens=args.draft_tokens, skip=skip, eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), stats
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="flexigpt", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,6 +177,19 @@ def main(argv: list[str] | None = None) -> None:
     ln = sub.add_parser("lineage", help="print which code, params and data produced a metric or run")
     ln.add_argument("what", help="a metric key (newest run that logged it) or an MLflow run id")
     ln.add_argument("--stage", help="only runs of this stage (e.g. evaluate@flexigpt)")
+    gen = sub.add_parser("generate", help="greedy text generation from a saved model, optionally self-speculative "
+                                          "(identical output, faster; stats on stderr)")
+    gen.add_argument("--model", required=True, help="compact folder (artifacts/trained/flexigpt) or a HF folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--speculative", action="store_true",
+                     help="draft with the replaced blocks skipped, verify with the full model")
+    gen.add_argument("--draft-tokens", type=int, default=4, help="K: tokens drafted per round")
+    gen.add_argument("--skip", help="comma-separated block positions the draft skips (a dense model's skip-draft, "
+                                    "e.g. the plan's pruned blocks); default: the replaced positions")
+    gen.add_argument("--temperature", type=float, help="not offered: only greedy decoding has the identical-output "
+                                                      "guarantee")
+    gen.add_argument("--do-sample", action="store_true", help="not offered (see --temperature)")
     args, extra = ap.parse_known_args(argv)
     if extra and args.cmd.replace("-", "_") not in STAGES:
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -129,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         _check(args.params)
     elif args.cmd == "link-data":
         _link_data()
+    elif args.cmd == "generate":
+        _generate(args)
     else:
         _run_stage(args.cmd.replace("-", "_"), args.params, extra)
 

@@ -9,6 +9,7 @@ results (artifacts and metrics, hashed by DVC and read by later stages) and the 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -17,12 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from flexigpt.config import Params, Settings, setting
 from flexigpt.devices import ComputeSettings, apply_threads, resolve_device, resolve_threads, runtime_info
 from flexigpt.errors import FlexiError
-from flexigpt.fileio import write_json
+from flexigpt.fileio import check_replaceable, clean_stale_temps, write_json
 
 log = logging.getLogger("flexigpt")
 
@@ -66,6 +67,84 @@ class PathSettings(Settings):
     eval: str = setting("artifacts/eval", "evaluate@*: lm-eval results per variant")
     reports: str = setting("reports", "compare: comparison.md / .csv")
     timing: str = setting("metrics/timing", "every stage: run record (wall-clock), never a dependency")
+    outside_project: bool = setting(False, "allow output paths outside the project root (direct stage runs "
+                                    "only: DVC refuses such outputs); an existing folder is still never replaced "
+                                    "unless flexigpt wrote it")
+
+    # folders a stage replaces whole; the rest are files (they have a suffix) or folders of files
+    WHOLE_FOLDERS: ClassVar[tuple[str, ...]] = ("base_model", "data", "importance", "plan", "flexigpt_init")
+
+    def check(self) -> None:
+        # DVC refuses outputs outside the repo only after the command ran (and the writer replaced them)
+        root = Path.cwd().resolve()
+        for key, value in self.outputs().items():
+            p = Path(value).expanduser()
+            inside = (root / p).resolve().is_relative_to(root) and (root / p).resolve() != root
+            if not inside and not (self.outside_project and (root / p).resolve() != root):
+                raise FlexiError(f"paths.{key}", f"{value!r} is not a path inside the project ({root})",
+                                 f"use a relative path below the project root, e.g. {getattr(type(self), key)}"
+                                 + " (or set paths.outside_project: true for a direct stage run)")
+
+    def outputs(self) -> dict[str, str]:
+        """``{key: path}`` of every output path (the section minus its switches)."""
+        return {k: v for k, v in self.to_dict().items() if k != "outside_project"}
+
+    def check_outputs(self, outputs: tuple[str, ...]) -> None:
+        """Before any work: none of a stage's ``outputs`` may replace what flexigpt did not write.
+
+        An output is a key (``plan``, ``prune_metrics``) or a key and a sub-path (``trained/flexigpt``);
+        one with a suffix is a file (it must not be an existing folder), else a folder written whole.
+        """
+        for out in outputs:
+            key, _, sub = out.partition("/")
+            path = Path(getattr(self, key)) / sub if sub else Path(getattr(self, key))
+            kind = "file" if path.suffix else "dir"
+            check_replaceable(path, kind=kind, param=f"paths.{key}")
+
+    def scratch_parents(self) -> set[Path]:
+        """Folders where a killed atomic writer can leave hidden temp siblings."""
+        out = set()
+        for key, value in self.outputs().items():
+            p = Path(value)
+            out.add(p.parent)
+            if key not in self.WHOLE_FOLDERS and not p.suffix:
+                out.add(p)  # folders of outputs (trained/<variant>, eval/<variant>, ...)
+        return out
+
+
+def clean_leftovers(paths: PathSettings) -> list[Path]:
+    """Remove temp folders a killed stage left (``.<name>.tmp-*``, ``.<name>.old-*``); hold the stage lock."""
+    gone = [q for parent in sorted(paths.scratch_parents()) for q in clean_stale_temps(parent)]
+    if gone:
+        log.info("removed %d temp file(s)/folder(s) a killed run left: %s", len(gone), ", ".join(map(str, gone[:3])))
+    return gone
+
+
+LOCK_FILE = Path(".flexigpt") / "stage.lock"
+
+
+def stage_lock(stage: str):
+    """Hold an exclusive lock on ``.flexigpt/stage.lock`` for this process's life; refuse if another stage holds it.
+
+    DVC's own lock covers ``dvc repro``; this one also covers direct ``python stages/x.py`` runs and a
+    stage orphaned by a killed ``dvc``. Returns the open file (the lock lives as long as it does)."""
+    import fcntl
+
+    LOCK_FILE.parent.mkdir(exist_ok=True)
+    f = open(LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FlexiError("stage", f"{holder} is running in this project ({LOCK_FILE} is locked)",
+                         "wait for it to finish, or stop it first; two stages must not write the same outputs") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"stage {stage} (pid {os.getpid()})\n")
+    f.flush()
+    return f
 
 
 @dataclass
@@ -75,10 +154,13 @@ class StageContext:
     run: object  # tracking.StageRun
     compute: ComputeSettings = field(default_factory=ComputeSettings)
     timing: dict[str, Any] = field(default_factory=dict)  # wall-clock figures: go to the run record only
+    paths: PathSettings | None = None
 
     def path(self, key: str) -> Path:
         """An artifact path from params ``paths.<key>`` (the section is validated by :class:`PathSettings`)."""
-        return Path(getattr(PathSettings.from_params(self.params), key))
+        if self.paths is None:
+            self.paths = PathSettings.from_params(self.params)
+        return Path(getattr(self.paths, key))
 
     @property
     def device(self) -> str:
@@ -91,6 +173,18 @@ class StageContext:
         if self.run is not None:
             self.run.set_tags({f"runtime.{k}": v for k, v in info.items()})
         return info
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent exits (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def is_main_process() -> bool:
@@ -142,28 +236,34 @@ def link_exp_data(params: Params, root: Path | None = None) -> list[Path]:
     return made
 
 
-def stage_main(stage: str, body: Callable[[StageContext], None]) -> None:
+def stage_main(stage: str, body: Callable[[StageContext], None], outputs: tuple[str, ...] = ()) -> None:
     """Run ``body`` inside an MLflow run (main process only); turn FlexiError into a clean exit(2).
 
     ``stage`` is the DVC stage name (``evaluate@dense``, ``train_flexigpt``); it names the MLflow run
-    and the run record.
+    and the run record. ``outputs`` are the paths it replaces (see :meth:`PathSettings.check_outputs`),
+    checked before the body runs.
     """
     from flexigpt.track import tracking
 
+    die_with_parent()  # killing dvc (or the launcher) stops the stage too: no orphan racing a second repro
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated stage still marks its run FAILED
     setup_logging()
     t0 = time.time()
     try:
         params = Params.load(os.environ.get("FLEXIGPT_PARAMS", "params.yaml"))
         compute = ComputeSettings.from_params(params)
-        PathSettings.from_params(params)  # a misspelt paths key fails here, not in the middle of a stage
+        paths = PathSettings.from_params(params)  # a misspelt or outside-the-project path fails here
+        if is_main_process():
+            lock = stage_lock(stage)  # noqa: F841  (held until the process exits)
+            paths.check_outputs(outputs)
+            clean_leftovers(paths)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         apply_threads(resolve_threads(compute.threads, local))  # bits depend on it
         link_exp_data(params)
         exp = experiment_name(params.get("model.source", "flexigpt"))
         runner = tracking.stage_run if is_main_process() else tracking.null_run
         with runner(stage, exp, params.data) as run:
-            ctx = StageContext(stage, params, run, compute)
+            ctx = StageContext(stage, params, run, compute, paths=paths)
             run.set_tags({f"runtime.{k}": v for k, v in runtime_info(None, ctx.device).items()})
             body(ctx)
             wall = time.time() - t0
@@ -177,4 +277,11 @@ def stage_main(stage: str, body: Callable[[StageContext], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: disk full: {e.strerror} while writing {e.filename or 'an output'}; nothing was replaced "
+              "(outputs are written to a temp folder first)\n  fix: free space on that disk and run the stage again",
+              file=sys.stderr)
+        sys.exit(2)
     log.info("stage %s done in %.1f s", stage, time.time() - t0)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flexigpt.config import flatten
-from flexigpt.track.uri import tracking_uri
+from flexigpt.track.uri import private_sqlite, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,14 @@ def stage_run(stage: str, experiment: str, params: dict[str, Any], tags: dict[st
     from flexigpt.track import lineage
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    private_sqlite(uri)  # runs hold params and paths: not for other users of the machine
+    mlflow.set_tracking_uri(uri)
     exp = mlflow.set_experiment(experiment)
     client = mlflow.MlflowClient()
+    close_dead_runs(client, exp.experiment_id)
     parent = lineage.parent_run_id(client, exp.experiment_id)
-    all_tags = {"flexigpt.stage": stage, **lineage.common_tags(), **(tags or {})}
+    all_tags = {"flexigpt.stage": stage, PID_TAG: _pid_tag(), **lineage.common_tags(), **(tags or {})}
     if parent:
         all_tags[lineage.PARENT_TAG] = parent
     run = mlflow.start_run(run_name=stage, tags=all_tags)
@@ -89,6 +92,45 @@ def stage_run(stage: str, experiment: str, params: dict[str, Any], tags: dict[st
         raise
     mlflow.end_run(status="FINISHED")
     lineage.record_producer(stage, handle.run_id)
+
+
+PID_TAG = "flexigpt.pid"  # host:pid of the stage process, so a later start can tell a killed run from a live one
+
+
+def _pid_tag(pid: int | None = None) -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_dead_runs(client: Any, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose stage process is gone (kill -9, power loss); returns their ids."""
+    import socket
+
+    host, closed = socket.gethostname(), []
+    try:
+        runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    except Exception as e:  # noqa: BLE001  (housekeeping must never stop a stage)
+        log.debug("could not list running runs: %s", e)
+        return []
+    for r in runs:
+        h, _, pid = r.data.tags.get(PID_TAG, "").rpartition(":")
+        if h == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client.set_terminated(r.info.run_id, status="KILLED")
+            closed.append(r.info.run_id)
+    if closed:
+        log.info("marked %d run(s) KILLED whose stage process is gone", len(closed))
+    return closed
 
 
 class NullRun(StageRun):
