@@ -217,7 +217,7 @@ def inputs_digest(model: nn.Module, train_ids: torch.Tensor, samples: int = 4096
     for name, p in model.named_parameters():
         t = p.detach().reshape(-1)
         if not p.requires_grad and t.numel() > samples:
-            t = t[torch.linspace(0, t.numel() - 1, samples, device=t.device).long()]
+            t = t[torch.arange(samples, device=t.device) * (t.numel() - 1) // (samples - 1)]  # exact integer steps
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         h.update(t.float().cpu().numpy().tobytes())
     return h.hexdigest()

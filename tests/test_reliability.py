@@ -401,3 +401,17 @@ def test_training_errors_pass_through_accelerate_with_their_status(tmp_path):
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "CalledProcessError" not in res.stderr, res.stderr[-3000:]
     assert "error:" in res.stderr
+
+
+def test_inputs_digest_samples_large_frozen_tensors_in_bounds():
+    """Sample indices stay in range past float32's exact integers (a 28M-element embedding broke linspace)."""
+    from torch import nn
+
+    from flexigpt.train import inputs_digest
+
+    m = nn.Module()
+    m.big = nn.Parameter(torch.zeros(2**24 + 7, dtype=torch.float16), requires_grad=False)
+    a = inputs_digest(m, torch.zeros(2, 4, dtype=torch.long))
+    with torch.no_grad():
+        m.big[-1] = 1.0  # the last element is sampled
+    assert inputs_digest(m, torch.zeros(2, 4, dtype=torch.long)) != a
