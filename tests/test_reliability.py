@@ -20,7 +20,7 @@ from conftest import make_tiny_llama
 from flexigpt.config import Params, check_float
 from flexigpt.errors import FlexiError
 from flexigpt.fileio import MARKER, atomic_dir, atomic_file, clean_stale_temps, is_ours
-from helpers import ROOT, assert_clean_error, base_params, make_tokenizer, run_stage, save_tiny_model_dir, write_jsonl
+from helpers import ROOT, assert_clean_error, base_params, make_tokenizer, run_stage, save_tiny_model_dir
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
