@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from flexigpt.config import Settings, setting
 from flexigpt.devices import resolve_device, resolve_dtype
 from flexigpt.errors import FlexiError
 from flexigpt.fileio import atomic_dir, is_ours
+
+if TYPE_CHECKING:
+    from flexigpt.data.splits import SplitRows
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = ("adamw",)
@@ -205,15 +209,22 @@ def settings_hash(s: TrainSettings, n_train: int, inputs: str = "") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def inputs_digest(model: nn.Module, train_ids: torch.Tensor, samples: int = 4096) -> str:
+DIGEST_BLOCK_TOKENS = 1 << 22  # train tokens hashed per read: a lazy split is never read whole
+
+
+def inputs_digest(model: nn.Module, train_ids: torch.Tensor | SplitRows, samples: int = 4096) -> str:
     """sha256 over the train tokens (all of them) and the start weights (every tensor's shape, dtype and
     ``samples`` evenly spaced values, trainable tensors in full).
 
     Why sampled: hashing every frozen weight costs minutes on a 70B model, on every rank; a rebuilt or
     different base model changes far more than a few values, and the trainable start (SVD init) in full
-    depends on all of them.
+    depends on all of them. The tokens are hashed in row blocks: the same digest as hashing the whole
+    int64 tensor at once (``load_split``'s), with one block in memory.
     """
-    h = hashlib.sha256(train_ids.detach().contiguous().cpu().numpy().tobytes())
+    h = hashlib.sha256()
+    rows = max(1, DIGEST_BLOCK_TOKENS // max(1, train_ids.shape[-1]))
+    for a in range(0, len(train_ids), rows):
+        h.update(train_ids[a:a + rows].detach().contiguous().cpu().numpy().tobytes())
     for name, p in model.named_parameters():
         t = p.detach().reshape(-1)
         if not p.requires_grad and t.numel() > samples:
@@ -280,11 +291,40 @@ def _mixed_precision(dtype: str, device: torch.device) -> str:
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[resolve_dtype(dtype, device)]
 
 
-def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teacher: nn.Module | None = None,
+def fsdp_wrap_policy(model: nn.Module) -> Callable | None:
+    """FSDP auto-wrap policy: a unit per block that shares no tensor with another block (None: none shares).
+
+    Why: FSDP puts a shared tensor in one unit's flat parameter only. A weight-shared block wrapped as its own
+    unit then reads its source's resharded weights (2+ processes: size mismatch in forward), and at 1 process
+    the saved state holds the shared tensors twice (``checkpoint.load`` refuses it). Blocks left unwrapped
+    stay in the root unit, where FSDP handles shared parameters (``benchmarks/gpu_check.py``, part f).
+    """
+    import functools
+
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    blocks = list(arch_of(model).blocks())
+    owner: dict[int, int] = {}
+    tied: set[int] = set()
+    for i, block in enumerate(blocks):
+        for p in block.parameters():
+            j = owner.setdefault(id(p), i)
+            if j != i:
+                tied |= {i, j}
+    if not tied:
+        return None
+    alone = {id(b) for i, b in enumerate(blocks) if i not in tied}
+    return functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in alone)
+
+
+def train(model: nn.Module, train_ids: torch.Tensor | SplitRows, s: TrainSettings, *, teacher: nn.Module | None = None,
           ckpt_dir: str | os.PathLike | None = None, resume: bool = True,
           on_step: Callable[[dict], None] | None = None, accelerator=None, device: str = "auto") -> TrainResult:
-    """Train ``model``'s adapters (+norms) on ``train_ids`` [N, T] for ``s.token_budget`` tokens."""
-    from accelerate import Accelerator
+    """Train ``model``'s adapters (+norms) on ``train_ids`` [N, T] for ``s.token_budget`` tokens.
+
+    ``train_ids`` is a tensor or a lazy :class:`~flexigpt.data.splits.SplitRows`: only rows indexed by a
+    micro-batch are read."""
+    from accelerate import Accelerator, DistributedType
     from tqdm.auto import tqdm
 
     dev = resolve_device(device)  # Accelerate places the model: the GPU of this rank, or the CPU
@@ -292,6 +332,11 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teache
     world, rank = acc.num_processes, acc.process_index
     n, seq_len = train_ids.shape
     total = validate(s, n, seq_len, world)
+    if total > n // s.batch_size and acc.is_main_process:  # once: repeated rows are not new data
+        log.warning("train.token_budget %s needs %d steps, %.2f passes over the train split (%d sequences of %d "
+                    "tokens, %d steps per pass), so batches repeat; raise calibration.train_tokens to at least %d "
+                    "for distinct tokens", f"{s.token_budget:,}", total, total / (n // s.batch_size), n, seq_len,
+                    n // s.batch_size, total * s.batch_size * seq_len)
     lora, norms = select_trainable(model, s)
     named = dict(lora + norms)
     opt = make_optimizer(lora, norms, s)
@@ -315,6 +360,8 @@ def train(model: nn.Module, train_ids: torch.Tensor, s: TrainSettings, *, teache
         log.info("resumed from %s at step %d/%d", ckpt, start, total)
     model.train()
     raw_opt = opt
+    if acc.distributed_type == DistributedType.FSDP and (policy := fsdp_wrap_policy(model)) is not None:
+        acc.state.fsdp_plugin.auto_wrap_policy = policy  # instead of the config's one unit per block
     model, opt = acc.prepare(model, opt)
     if teacher is not None:
         teacher.eval().requires_grad_(False).to(acc.device)
@@ -402,12 +449,12 @@ def train_variant(variant: str, r, s: TrainSettings, paths: dict[str, Path], *, 
     On the non-main processes of a launch it returns after training, with empty metrics.
     """
     from flexigpt import variants
-    from flexigpt.data.splits import load_split
+    from flexigpt.data.splits import load_split, open_split
     from flexigpt.model import checkpoint
     from flexigpt.model.forward import mean_nll
 
     variants.check_training(variant, r, paths["base_model"], paths["plan"])
-    ids = load_split(paths["data"], "train")
+    ids = open_split(paths["data"], "train")  # lazy: read a micro-batch at a time, never the whole split
     validate(s, ids.shape[0], ids.shape[1], int(os.environ.get("WORLD_SIZE", "1")))  # before any weights load
     model, base, tok = variants.training_start(variant, r, paths["base_model"], paths["plan"], paths["flexigpt_init"])
     teacher = base if s.kd_weight > 0 else None

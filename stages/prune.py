@@ -2,13 +2,14 @@
 import _env  # noqa: F401  (first: one clear line instead of a traceback outside the project's environment)
 from flexigpt.compress.plan import PruneSettings, plan_model, write_distance_csvs
 from flexigpt.fileio import atomic_dir, write_json
+from flexigpt.model.stream import StreamSettings
 from flexigpt.pipeline.stagekit import StageContext, log, stage_main
 from flexigpt.report.plots import distance_heatmap, importance_bars
 
 
 def body(ctx: StageContext) -> None:
     s = PruneSettings.from_params(ctx.params)
-    plan = plan_model(s, ctx.path("base_model"), ctx.path("importance"))
+    plan = plan_model(s, ctx.path("base_model"), ctx.path("importance"), StreamSettings.from_params(ctx.params))
     with atomic_dir(ctx.path("plan")) as tmp:
         plan.save(tmp / "plan.json")
         write_distance_csvs(plan, tmp / "distances.csv", ctx.path("distance_plot"))

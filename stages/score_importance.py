@@ -5,6 +5,7 @@ import time
 
 from flexigpt.compress.importance import ImportanceSettings, score_model
 from flexigpt.fileio import atomic_dir, atomic_file, write_json
+from flexigpt.model.stream import GIB, StreamSettings
 from flexigpt.pipeline.stagekit import StageContext, log, stage_main
 from flexigpt.report.plots import importance_bars
 
@@ -13,7 +14,7 @@ def body(ctx: StageContext) -> None:
     s = ImportanceSettings.from_params(ctx.params)
     log.info("scoring blocks with %s on %s", s.method, ctx.device)
     t0 = time.time()
-    res = score_model(s, ctx.path("base_model"), ctx.path("data"), ctx.device)
+    res, memory = score_model(s, ctx.path("base_model"), ctx.path("data"), ctx.device, StreamSettings.from_params(ctx.params))
     wall = time.time() - t0
     with atomic_dir(ctx.path("importance")) as tmp:
         write_json(tmp / "importance.json", res.to_dict())
@@ -23,7 +24,8 @@ def body(ctx: StageContext) -> None:
         w.writerows([i, repr(x)] for i, x in enumerate(res.scores))
     importance_bars(res.scores, ctx.path("importance_png"), method=s.method)
     metrics = {"tokens": res.tokens, "sequences": res.sequences, "num_blocks": res.num_blocks,
-               "score_min": min(res.scores), "score_max": max(res.scores)}
+               "score_min": min(res.scores), "score_max": max(res.scores),
+               "memory_estimate_gib": round(sum(memory.values()) / GIB, 4)}  # layer-wise peak, on paper
     ctx.timing.update(scoring_s=round(wall, 2), tokens_per_s=round(res.tokens / max(wall, 1e-9), 1))
     write_json(ctx.path("importance_metrics"), {"method": s.method, **metrics, "runtime": ctx.runtime(s.dtype)})
     ctx.run.log_metrics(metrics)

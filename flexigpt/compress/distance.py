@@ -44,12 +44,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
-from flexigpt.model.arch import Arch
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +260,17 @@ def aggregate_distances(per_matrix: dict[str, float], norms: dict[str, float], h
     raise ValueError(f"unknown aggregate {how!r}; use one of {AGGREGATES}")
 
 
-def _matrices(arch: Arch, i: int) -> dict[str, torch.Tensor]:
+class BlockWeights(Protocol):
+    """What base selection reads: an :class:`~flexigpt.model.arch.Arch` (a model in memory) or a
+    :class:`~flexigpt.model.stream.StreamedModel` (block ``i`` read from the shards on each call)."""
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    def weights(self, i: int) -> dict[str, torch.Tensor]: ...
+
+
+def _matrices(arch: BlockWeights, i: int) -> dict[str, torch.Tensor]:
     return {k: w.detach() for k, w in arch.weights(i).items()}
 
 
@@ -292,15 +301,17 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[s:s + size] for s in range(0, len(items), size)]
 
 
-def distance_table(arch: Arch, pruned: list[int], *, metric: str = "lowrank", rank: int = 32,
+def distance_table(arch: BlockWeights, pruned: list[int], *, metric: str = "lowrank", rank: int = 32,
                    aggregate: str = "sum_sq", svd: str = "gram", progress: bool = True,
                    chunk_bytes: int = 256 << 20, workers: int | None = None, precision: str = "float64"
                    ) -> tuple[dict[int, dict[int, float]], dict[str, int]]:
     """Block distances ``{pruned i: {unpruned j: d(i, j)}}`` and the effective rank per matrix name.
 
     Pruned blocks' factors are kept; candidates are streamed (each weight's truncated SVD is taken
-    once) and compared with all pruned blocks in one batched call per matrix. The full-weight
-    metrics batch the pruned blocks in groups of at most ``chunk_bytes`` of differences.
+    once) and compared with all pruned blocks in one batched call per matrix, so with ``lowrank``
+    at most one block's full weights are held at a time (``arch`` may read them from disk). The
+    full-weight metrics keep the pruned blocks' weights and batch them in groups of at most
+    ``chunk_bytes`` of differences.
     ``workers`` (default: torch's thread count) candidates are processed concurrently, see
     :func:`parallel_map`. ``precision`` (``prune.precision``): dtype of the SVDs, Grams and eigenproblems.
     """
@@ -313,8 +324,9 @@ def distance_table(arch: Arch, pruned: list[int], *, metric: str = "lowrank", ra
     warned: set[str] = set()
     shapes = {k: tuple(w.shape) for k, w in _matrices(arch, pruned[0]).items()}
     ranks = {k: effective_rank(rank, s, k, warned) for k, s in shapes.items()}
-    mats_p = {i: _matrices(arch, i) for i in pruned}
-    norms = {i: {k: float(w.double().norm()) for k, w in m.items()} for i, m in mats_p.items()}
+    mats_p = {i: _matrices(arch, i) for i in pruned} if metric != "lowrank" else {}
+    norms = {i: {k: float(w.double().norm()) for k, w in (mats_p[i] if mats_p else _matrices(arch, i)).items()}
+             for i in pruned}  # lowrank: each pruned block read, measured and dropped
     per: dict[int, dict[int, dict[str, float]]] = {i: {j: {} for j in cands} for i in pruned}
 
     # a clamped matrix (r_W = min(m, n)) has rank(D) <= r_W, so its residual is exactly 0

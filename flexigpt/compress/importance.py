@@ -26,24 +26,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-import os
-from collections.abc import Callable
-from pathlib import Path
-
 from flexigpt.config import Settings, setting
-from flexigpt.devices import place, resolve_dtype
+from flexigpt.devices import resolve_dtype
 from flexigpt.errors import FlexiError
 from flexigpt.model.arch import Arch, arch_of
 from flexigpt.model.forward import check_dtype, check_input_ids, compute_context, iter_batches, mean_nll, model_device
+from flexigpt.model.stream import StreamedModel, StreamSettings, hidden_of
 
+Scorable = nn.Module | StreamedModel  # a model in memory, or one read block by block from its shards
 
 
 @dataclass
@@ -83,11 +83,6 @@ def check_method(method: str, param: str = "importance.method") -> str:
     return method
 
 
-def _hidden(x) -> torch.Tensor:
-    """A block's hidden-state output: the tensor itself, or ``[0]`` of a tuple/list."""
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
 class CosineSums:
     """Running per-block sums over tokens: sum cos, sum arccos(cos)/pi, token count."""
 
@@ -99,8 +94,8 @@ class CosineSums:
     def add(self, i: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
         """Accumulate cos(x_in_t, x_out_t) over all tokens t of one batch (float32 maths)."""
         c = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1, eps=1e-8).flatten()
-        self.cos[i] += c.sum(dtype=torch.float64)
-        self.ang[i] += (torch.arccos(c.clamp(-1.0, 1.0)) / math.pi).sum(dtype=torch.float64)
+        self.cos[i] += c.sum(dtype=torch.float64).cpu()  # the sums live on the CPU, the model may not
+        self.ang[i] += (torch.arccos(c.clamp(-1.0, 1.0)) / math.pi).sum(dtype=torch.float64).cpu()
         self.count[i] += c.numel()
 
     def block_influence(self) -> list[float]:
@@ -128,7 +123,7 @@ def cosine_hooks(arch: Arch, sums: CosineSums) -> Iterator[None]:
 
     def post(i):
         def hook(_mod, _args, _kwargs, output):
-            sums.add(i, held.pop(i), _hidden(output))
+            sums.add(i, held.pop(i), hidden_of(output))
         return hook
 
     try:
@@ -144,11 +139,19 @@ def cosine_hooks(arch: Arch, sums: CosineSums) -> Iterator[None]:
 
 # -- methods ------------------------------------------------------------------------------------
 @torch.inference_mode()
-def cosine_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, dtype: str = "bfloat16",
+def cosine_scores(model: Scorable, input_ids: torch.Tensor, *, batch_size: int = 8, dtype: str = "bfloat16",
                   progress: bool = True) -> CosineSums:
-    """Stream ``input_ids`` through the model's blocks and return the per-block cosine sums."""
-    arch = arch_of(model)
+    """Stream ``input_ids`` through the model's blocks and return the per-block cosine sums.
+
+    A :class:`StreamedModel` runs layer-wise (one block in memory); the sums are the same bits.
+    """
     input_ids = check_input_ids(input_ids)
+    if isinstance(model, StreamedModel):
+        sums = CosineSums(model.num_blocks)
+        model.run(input_ids, batch_size=batch_size, dtype=dtype, on_block=sums.add, progress=progress,
+                  desc="block cosines")
+        return sums
+    arch = arch_of(model)
     sums = CosineSums(arch.num_blocks)
     body = arch.backbone()
     n_batches = math.ceil(input_ids.shape[0] / batch_size)
@@ -160,9 +163,35 @@ def cosine_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int 
     return sums
 
 
-def drop_nll_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, dtype: str = "bfloat16",
+@torch.inference_mode()
+def _streamed_nll(model: StreamedModel, input_ids: torch.Tensor, order: list[int], *, batch_size: int,
+                  dtype: str) -> float:
+    """:func:`~flexigpt.model.forward.mean_nll` of the blocks ``order``, run layer-wise (same arithmetic)."""
+    hs = model.run(input_ids, batch_size=batch_size, dtype=dtype, order=order, progress=False)
+    head = model.head()
+    total, count = 0.0, 0
+    with compute_context(dtype, model.device):
+        for ids, h in zip(iter_batches(input_ids, batch_size), hs):
+            ids = ids.to(model.device)
+            h = model.finish(ids, h, dtype)
+            for row in range(ids.shape[0]):
+                logits = head(h[row, :-1]).float()
+                total += F.cross_entropy(logits, ids[row, 1:], reduction="sum").item()
+                count += ids.shape[1] - 1
+    return total / count
+
+
+def drop_nll_scores(model: Scorable, input_ids: torch.Tensor, *, batch_size: int = 8, dtype: str = "bfloat16",
                     progress: bool = True) -> list[float]:
-    """score_i = NLL(model without block i) - NLL(dense model); the block list is always restored."""
+    """score_i = NLL(model without block i) - NLL(dense model); the block list is always restored.
+
+    A :class:`StreamedModel` makes one layer-wise pass per dropped block (each block read L times).
+    """
+    if isinstance(model, StreamedModel):
+        every = list(range(model.num_blocks))
+        dense = _streamed_nll(model, input_ids, every, batch_size=batch_size, dtype=dtype)
+        return [_streamed_nll(model, input_ids, every[:i] + every[i + 1:], batch_size=batch_size, dtype=dtype) - dense
+                for i in tqdm(every, desc="drop one block", disable=not progress, leave=False)]
     arch = arch_of(model)
     blocks = list(arch.blocks())
     dense = mean_nll(model, input_ids, batch_size=batch_size, dtype=dtype)
@@ -204,9 +233,10 @@ class ImportanceSettings(Settings):
     n_sequences: int | None = setting(None, "calibration sequences to score on (first N); null = all", type=int, min=1)
 
 
-def score_blocks(model: nn.Module, input_ids: torch.Tensor, *, method: str = "block_influence",
+def score_blocks(model: Scorable, input_ids: torch.Tensor, *, method: str = "block_influence",
                  batch_size: int = 8, dtype: str = "bfloat16", progress: bool = True) -> ImportanceResult:
-    """Score every block of ``model`` on calibration ``input_ids`` [N, T] (low score = prunable)."""
+    """Score every block of ``model`` (in memory, or a :class:`StreamedModel`) on calibration ``input_ids``
+    [N, T] (low score = prunable)."""
     check_method(method)
     check_dtype(dtype)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -219,10 +249,11 @@ def score_blocks(model: nn.Module, input_ids: torch.Tensor, *, method: str = "bl
 
 
 def score_model(s: ImportanceSettings, base_model: str | os.PathLike, data: str | os.PathLike,
-                device: str = "cpu") -> ImportanceResult:
-    """Score the blocks of the model in ``base_model`` on the calibration split in ``data``."""
+                device: str = "cpu", stream: StreamSettings | None = None) -> tuple[ImportanceResult, dict[str, int]]:
+    """Score the blocks of the model in ``base_model`` on the calibration split in ``data``, one block in
+    memory at a time; returns the scores and the peak-memory estimate (bytes by part), checked first
+    against ``stream.memory_limit_gb``."""
     from flexigpt.data.splits import load_split
-    from flexigpt.model.importer import load_plain
 
     ids = load_split(data, "calibration")  # validated before the model loads
     if s.n_sequences is not None:
@@ -230,6 +261,8 @@ def score_model(s: ImportanceSettings, base_model: str | os.PathLike, data: str 
             raise FlexiError("importance.n_sequences", f"asks for {s.n_sequences} sequences but the calibration "
                              f"split has {ids.shape[0]}", f"set it to at most {ids.shape[0]}, or null for all")
         ids = ids[:s.n_sequences]
-    model, _ = load_plain(Path(base_model), "float32")
-    place(model, device)
-    return score_blocks(model, ids, method=s.method, batch_size=s.batch_size, dtype=resolve_dtype(s.dtype, device))
+    model = StreamedModel(Path(base_model), device=device)
+    limit = stream.memory_limit_gb if stream is not None else None
+    estimate = model.check_memory(limit, tokens=ids.numel(), batch_tokens=min(s.batch_size, ids.shape[0]) * ids.shape[1])
+    res = score_blocks(model, ids, method=s.method, batch_size=s.batch_size, dtype=resolve_dtype(s.dtype, device))
+    return res, estimate

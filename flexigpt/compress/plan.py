@@ -27,6 +27,7 @@ from flexigpt.errors import FlexiError
 from flexigpt.fileio import atomic_file, write_json
 from flexigpt.model.arch import arch_of
 from flexigpt.model.flexi import unique_params
+from flexigpt.model.stream import StreamedModel, StreamSettings
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -172,15 +173,16 @@ class Plan:
         return cls.from_dict(json.loads(p.read_text()))
 
 
-def make_plan(model: nn.Module, scores: list[float] | None, settings: PruneSettings | None = None, *,
+def make_plan(model: nn.Module | StreamedModel, scores: list[float] | None, settings: PruneSettings | None = None, *,
               importance_method: str | None = None, progress: bool = True, **overrides: Any) -> Plan:
     """Choose the pruned blocks (lowest ``scores`` or ``settings.blocks``) and a base for each (Eqs. 2-5).
 
     ``settings`` defaults to ``PruneSettings(**overrides)`` (e.g. ``make_plan(m, s, ratio=0.4, rank=8)``).
+    ``model`` is a model in memory or a :class:`StreamedModel` (weights read one block at a time).
     """
     s = settings if settings is not None else PruneSettings(**overrides)
     ratio, blocks, rank, metric, aggregate = s.ratio, s.blocks, s.rank, s.metric, s.aggregate
-    arch = arch_of(model)
+    arch = model if isinstance(model, StreamedModel) else arch_of(model)
     L = arch.num_blocks
     if scores is None:
         if blocks is None:
@@ -194,8 +196,8 @@ def make_plan(model: nn.Module, scores: list[float] | None, settings: PruneSetti
     distances, ranks = distance_table(arch, pruned, metric=metric, rank=rank, aggregate=aggregate, svd=s.svd,
                                       progress=progress, precision=s.precision)
     base = choose_bases(distances)
-    before = unique_params(model)
-    per_block = [unique_params(b) for b in arch.blocks()]
+    before, per_block = model.param_counts() if isinstance(model, StreamedModel) else \
+        (unique_params(model), [unique_params(b) for b in arch.blocks()])
     after = before - sum(per_block[i] for i in pruned)
     return Plan(num_blocks=L, pruned=pruned, base=base, distances=distances,
                 layer_map=[base.get(p, p) for p in range(L)], params_before=before, params_after=after,
@@ -216,10 +218,14 @@ def load_scores(importance: str | os.PathLike, num_blocks: int) -> tuple[list[fl
     return [float(s) for s in d["scores"]], str(d["method"])
 
 
-def plan_model(s: PruneSettings, base_model: str | os.PathLike, importance: str | os.PathLike) -> Plan:
-    """The pruning plan of the model in ``base_model`` from the scores in ``importance`` (all checks first)."""
+def plan_model(s: PruneSettings, base_model: str | os.PathLike, importance: str | os.PathLike,
+               stream: StreamSettings | None = None) -> Plan:
+    """The pruning plan of the model in ``base_model`` from the scores in ``importance`` (all checks first).
+
+    The weights are read one block at a time from the model's shards (:class:`StreamedModel`); with
+    ``stream.memory_limit_gb`` set, a block larger than the cap is refused before any is read.
+    """
     from flexigpt.model.arch import facts_of
-    from flexigpt.model.importer import load_plain
 
     L = facts_of(base_model).num_blocks
     choose_pruned([0.0] * L, s.ratio, s.blocks)  # the block-count checks, before anything heavy
@@ -227,7 +233,8 @@ def plan_model(s: PruneSettings, base_model: str | os.PathLike, importance: str 
     if scores is None and s.blocks is None:
         raise FlexiError("paths.importance", f"no importance scores at {Path(importance) / 'importance.json'}",
                          "run the score_importance stage first (`dvc repro score_importance`)")
-    model, _ = load_plain(Path(base_model), "float32")
+    model = StreamedModel(Path(base_model))
+    model.check_memory(stream.memory_limit_gb if stream is not None else None, tokens=0, batch_tokens=0, outer=False)
     return make_plan(model, scores, s, importance_method=method)
 
 

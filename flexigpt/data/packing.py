@@ -8,16 +8,28 @@ Splits:
 Within calibration/train, documents are shuffled with ``seed`` and joined with EOS; a document
 never spans two splits. The heldout split keeps source order and joins with ``heldout_join``
 ("\\n\\n" is the usual WikiText-2 protocol).
+
+Documents are tokenized :data:`CHUNK_DOCS` at a time and the train split can be streamed to a sink
+(:func:`build_splits` ``train_sink``), so a split of billions of tokens never sits in memory; the
+document texts themselves do.
 """
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from flexigpt.errors import FlexiError
+
+CHUNK_DOCS = 4096  # documents tokenized per call: bounds the tokens held at once, whatever the split size
+FLUSH_TOKENS = 1 << 20  # train tokens buffered before their full rows go to the sink (4 MiB as int32)
+
+RowSink = Callable[[np.ndarray], None]
+"""Receives the train split in order, as int32 ``[k, seq_len]`` blocks of rows."""
 
 
 def doc_key(text: str) -> str:
@@ -44,19 +56,60 @@ class SplitSpec:
     heldout_join: str = "\n\n"
 
 
-def _take(docs: list[list[int]], tokens_needed: int, sep_len: int) -> int:
-    """Number of leading docs whose packed length reaches ``tokens_needed``."""
-    total = 0
-    for i, d in enumerate(docs):
-        total += len(d) + sep_len
+def _doc_tokens(tokenizer, docs: list[str], idx: list[int]) -> Iterator[list[int]]:
+    """Token ids of ``docs[i]`` for each ``i`` in ``idx``, tokenized :data:`CHUNK_DOCS` documents per call."""
+    for a in range(0, len(idx), CHUNK_DOCS):  # each text is tokenized alone, so chunking changes no id
+        yield from tokenizer([docs[i] for i in idx[a:a + CHUNK_DOCS]], add_special_tokens=False)["input_ids"]
+
+
+def _take(docs: Iterator[list[int]], tokens_needed: int, keep: Callable[[list[int]], None] | None = None
+          ) -> tuple[int, int, bool]:
+    """Consume leading docs until their packed length (each + 1 separator) reaches ``tokens_needed``.
+
+    Returns (docs consumed, their packed length, whether it was reached); each doc is passed to ``keep``.
+    """
+    n = total = 0
+    for d in docs:
+        n, total = n + 1, total + len(d) + 1
+        if keep is not None:
+            keep(d)
         if total >= tokens_needed:
-            return i + 1
-    return len(docs) + 1  # not enough
+            return n, total, True
+    return n, total, False
 
 
-def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer, spec: SplitSpec
-                 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Return ({split: int32 [N, seq_len]}, stats). ``heldout_docs=None`` carves heldout from the pool."""
+class _RowPacker:
+    """Docs (each + ``sep``) -> the first ``n_rows`` full ``seq_len`` rows, handed to ``sink`` in blocks.
+
+    Holds at most :data:`FLUSH_TOKENS` tokens plus one document: memory does not grow with the split.
+    """
+
+    def __init__(self, seq_len: int, n_rows: int, sep: list[int], sink: RowSink) -> None:
+        self.seq_len, self.left, self.sep, self.sink = seq_len, n_rows, sep, sink
+        self.buf: list[int] = []
+
+    def add(self, doc: list[int]) -> None:
+        self.buf += doc
+        self.buf += self.sep
+        if len(self.buf) >= FLUSH_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        k = min(len(self.buf) // self.seq_len, self.left)
+        if k:
+            self.sink(np.asarray(self.buf[:k * self.seq_len], dtype=np.int32).reshape(k, self.seq_len))
+            self.left -= k
+        self.buf = self.buf[k * self.seq_len:] if self.left else []  # the tail starts the next row, if any is due
+
+
+def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer, spec: SplitSpec,
+                 train_sink: RowSink | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Return ({split: int32 [N, seq_len]}, stats). ``heldout_docs=None`` carves heldout from the pool.
+
+    With ``train_sink``, the train split (``train_tokens // seq_len`` rows) goes to it block by block as it
+    is packed and is left out of the dict; without, it is returned in memory. Either way the pool is
+    tokenized :data:`CHUNK_DOCS` documents at a time: after the train split is full, the rest is only counted.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise FlexiError("model", "the tokenizer has no EOS token to separate documents", "use a tokenizer with eos_token")
@@ -71,10 +124,10 @@ def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer
     rng.shuffle(order)
     stats: dict = {"pool_duplicate_docs_dropped": len(pool_docs) - len(order)}
     if heldout_docs is None:  # carve heldout documents from the shuffled pool first
-        toks_all = tokenizer([pool_docs[i] for i in order], add_special_tokens=False)["input_ids"]
+        toks = _doc_tokens(tokenizer, pool_docs, order)
         need = (spec.n_heldout or 0) * spec.seq_len
-        k = _take(toks_all, need, 1) if need else 0
-        held_idx, order, toks = order[:k], order[k:], toks_all[k:]
+        k = _take(toks, need)[0] if need else 0  # too little text: all of it, and the calibration check fails
+        held_idx, order = order[:k], order[k:]
         heldout_docs = [pool_docs[i] for i in held_idx]
         stats["heldout_from_pool_docs"] = k
     else:
@@ -82,25 +135,28 @@ def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer
         before = len(order)
         order = [i for i in order if doc_key(pool_docs[i]) not in held_keys]
         stats["pool_docs_dropped_overlapping_heldout"] = before - len(order)
-        toks = tokenizer([pool_docs[i] for i in order], add_special_tokens=False)["input_ids"]
+        toks = _doc_tokens(tokenizer, pool_docs, order)
 
-    available = sum(len(t) + 1 for t in toks)
     cal_need = spec.n_calibration * spec.seq_len
-    k_cal = _take(toks, cal_need, 1)
-    if k_cal > len(toks):
-        raise FlexiError("calibration.n_sequences", f"needs {cal_need} tokens but the text has only {available}",
-                         f"lower it to at most {available // spec.seq_len}, or add text")
-    train_need = (spec.train_tokens // spec.seq_len) * spec.seq_len
-    rest = toks[k_cal:]
-    rest_avail = sum(len(t) + 1 for t in rest)
-    k_train = _take(rest, train_need, 1)
-    if k_train > len(rest):
+    cal_toks: list[list[int]] = []
+    k_cal, cal_len, ok = _take(toks, cal_need, cal_toks.append)
+    if not ok:  # every document went into the attempt, so cal_len is all the text there is
+        raise FlexiError("calibration.n_sequences", f"needs {cal_need} tokens but the text has only {cal_len}",
+                         f"lower it to at most {cal_len // spec.seq_len}, or add text")
+    n_train = spec.train_tokens // spec.seq_len
+    blocks: list[np.ndarray] = []
+    packer = _RowPacker(spec.seq_len, n_train, sep, train_sink or blocks.append)
+    k_train, train_len, ok = _take(toks, n_train * spec.seq_len, packer.add)
+    rest_avail = train_len + sum(len(t) + 1 for t in toks)  # counted chunk by chunk, tokens not kept
+    available = cal_len + rest_avail
+    if not ok:
         raise FlexiError("calibration.train_tokens",
                          f"{spec.train_tokens} tokens requested, but after the calibration split the text holds only "
                          f"{rest_avail} tokens ({available} in all, {len(pool_docs)} documents)",
                          f"lower it to at most {rest_avail - spec.seq_len}, or add text")
-    cal = pack(toks[:k_cal], spec.seq_len, sep)[: spec.n_calibration]
-    train = pack(rest[:k_train], spec.seq_len, sep)[: spec.train_tokens // spec.seq_len]
+    packer.flush()
+    cal = pack(cal_toks, spec.seq_len, sep)[: spec.n_calibration]
+    del cal_toks
 
     held_text = spec.heldout_join.join(heldout_docs)
     held_ids = tokenizer(held_text, add_special_tokens=False)["input_ids"]
@@ -117,4 +173,7 @@ def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer
                  heldout_docs=len(heldout_docs), heldout_windows_available=n_win,
                  calibration_doc_keys=[doc_key(pool_docs[i]) for i in order[:k_cal]],
                  train_doc_keys=[doc_key(pool_docs[i]) for i in order[k_cal:k_cal + k_train]])
+    if train_sink is not None:
+        return {"calibration": cal, "heldout": heldout}, stats
+    train = torch.from_numpy(np.concatenate(blocks)) if blocks else torch.zeros((0, spec.seq_len), dtype=torch.int32)
     return {"calibration": cal, "train": train, "heldout": heldout}, stats

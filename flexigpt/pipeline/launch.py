@@ -38,6 +38,43 @@ def _child_status(err: BaseException) -> int:
     return next((c for c in codes if c and c > 0), 1)
 
 
+def check_world(config: str | os.PathLike, devices: int | None = None) -> None:
+    """Refuse an FSDP or MULTI_GPU Accelerate config whose ``num_processes`` exceeds the visible GPUs.
+
+    Otherwise every launched process dies in its own traceback (FSDP without a GPU: "no available devices
+    found"; more ranks than GPUs: an invalid device ordinal). MULTI_GPU on a machine with no GPU at all
+    stays allowed: that is CPU DDP over gloo (``configs/accelerate_cpu_ddp.yaml``), the trainer's own choice.
+    ``devices``: the GPU count (default ``torch.cuda.device_count()``).
+    """
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(config).read_text())
+    except yaml.YAMLError as e:
+        raise FlexiError("train_launch.config", f"{config} is not valid YAML ({e})", "fix its syntax") from None
+    cfg = cfg if isinstance(cfg, dict) else {}
+    kind, world = str(cfg.get("distributed_type", "NO")).upper(), cfg.get("num_processes")
+    if kind not in ("FSDP", "MULTI_GPU") or cfg.get("use_cpu") or isinstance(world, bool) or not isinstance(world, int):
+        return
+    if kind == "FSDP" and world > 1:  # fail before launch, not as a hang on rank 0
+        raise FlexiError("train_launch.config", f"{config} asks for FSDP with world size {world}; FSDP runs with one "
+                         "process only for now (after training, rank 0 alone measures heldout PPL and saves the model, "
+                         "which needs the full, unsharded weights)",
+                         "set num_processes: 1, or use DDP (distributed_type: MULTI_GPU, one process per GPU): the "
+                         "frozen base is replicated and only the adapters train")
+    if devices is None:
+        import torch
+
+        devices = torch.cuda.device_count()
+    if world <= devices or (kind == "MULTI_GPU" and devices == 0):
+        return
+    fix = (f"set num_processes: {devices} in {config} (one process per GPU)" if devices else
+           "run it on a machine with GPUs, or point train_launch.config at configs/accelerate_single.yaml "
+           "(one process) or configs/accelerate_cpu_ddp.yaml (CPU processes)")
+    raise FlexiError("train_launch.config", f"{config} asks for {kind} with world size {world} (num_processes), "
+                     f"but torch sees {devices} CUDA device(s)", fix)
+
+
 def relaunch(argv: list[str] | None = None, params_path: str | None = None) -> None:
     """Re-run this script under ``accelerate launch`` unless already launched; exits with the child's status."""
     if launched():
@@ -51,6 +88,7 @@ def relaunch(argv: list[str] | None = None, params_path: str | None = None) -> N
         if not Path(config).is_file():
             raise FlexiError("train_launch.config", f"{config} does not exist",
                              "point it at one of configs/accelerate_*.yaml")
+        check_world(config)  # before any process starts
     except FlexiError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

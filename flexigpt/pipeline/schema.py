@@ -13,13 +13,14 @@ from flexigpt.devices import ComputeSettings
 from flexigpt.errors import FlexiError
 from flexigpt.evaluate.suite import EvaluateSettings
 from flexigpt.model.importer import ModelSettings
+from flexigpt.model.stream import StreamSettings
 from flexigpt.pipeline.stagekit import PathSettings
 from flexigpt.train import TrainLaunchSettings, TrainSettings
 from flexigpt.variants import AdapterSettings, ExtendSettings, NormSettings, Recipe, SvdInitSettings
 
 SETTINGS: tuple[type[Settings], ...] = (
     DataSettings, ComputeSettings, ModelSettings, CalibrationSettings, HeldoutSettings, PathSettings,
-    ImportanceSettings, PruneSettings, AdapterSettings, NormSettings, ExtendSettings, SvdInitSettings,
+    ImportanceSettings, PruneSettings, StreamSettings, AdapterSettings, NormSettings, ExtendSettings, SvdInitSettings,
     TrainSettings, TrainLaunchSettings, EvaluateSettings)
 TOP_LEVEL = ("seed", "mode")
 
