@@ -53,6 +53,10 @@ class Params:
             raise FlexiError("params.yaml", f"is not valid YAML ({e})", "fix the syntax") from None
         if not isinstance(data, dict):
             raise FlexiError("params.yaml", "top level must be a mapping", "use `key: value` groups")
+        if "seed" in data:  # one seed for data and training made a training-seed sweep redo the data stages
+            raise FlexiError("seed", "the top-level seed was split in two",
+                             "replace it with `data.seed` (document shuffle, splits) and `train.seed` "
+                             "(batch order, random adapter init)")
         return cls(data, p, complete=True)
 
     def with_overrides(self, overrides: dict[str, Any]) -> "Params":
@@ -277,6 +281,7 @@ class DataSettings(Settings):
 
     SECTION = "data"
     dir: str = setting("../shared/data", "offline data folder: absolute, or relative to the project root")
+    seed: int = setting(0, "document shuffle of the calibration / train / heldout splits", min=0)
 
 
 DATA_DIR_ENV = "FLEXIGPT_DATA_DIR"
@@ -295,3 +300,42 @@ def data_dir(params: Params) -> Path:
                          f"unset {DATA_DIR_ENV} and set the folder with `dvc exp run -S data.dir=PATH` "
                          "(or edit data.dir in params.yaml)")
     return Path(DataSettings.from_params(params).dir).expanduser()
+
+
+# -- presets: params fragments as `dvc exp run -S` flags ------------------------------------------------
+
+def hydra_value(v) -> str:
+    """A value in Hydra override syntax (what `dvc exp run -S` parses)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    return str(v)
+
+
+def preset_flags(path: str, params: str = "params.yaml") -> list[str]:
+    """``-S key=value`` flags for ``dvc exp run`` from a preset YAML.
+
+    Nested groups are followed only as deep as params.yaml has groups, so a preset may replace a
+    scalar by a map (e.g. a per-task ``evaluate.limit``).
+    """
+    import yaml
+
+    base = yaml.safe_load(Path(params).read_text()) or {} if Path(params).is_file() else {}
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    flags: list[str] = []
+
+    def walk(node: dict, ref, prefix: str) -> None:
+        for k, v in node.items():
+            r = ref.get(k) if isinstance(ref, dict) else None
+            if isinstance(v, dict) and isinstance(r, dict):
+                walk(v, r, f"{prefix}{k}.")
+            else:
+                flags.extend(["-S", f"{prefix}{k}={hydra_value(v)}"])
+
+    walk(data, base, "")
+    return flags

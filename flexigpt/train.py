@@ -10,7 +10,6 @@ against the dense teacher's logits.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -58,7 +57,8 @@ class TrainSettings(Settings):
     micro_batch: int = setting(4, "sequences per forward pass per process", min=1)
     token_budget: int = setting(24576, "training tokens; steps = budget // (batch x seq_len)", min=1)
     grad_clip: float = setting(1.0, "max global grad norm (0 = off)", min=0.0)
-    seed: int = setting(0, "data-order seed; when `train.seed` is absent, params `seed` is used", min=0)
+    seed: int = setting(0, "training seed: batch order and random adapter init (not the data splits: data.seed)",
+                        min=0)
     dtype: str = setting("auto", "autocast dtype", choices=("auto", "bfloat16", "float16", "float32"))
     train_prenorms: bool = setting(False, "also train replaced blocks' pre-norms")
     unfreeze_all: bool = setting(False, "train every parameter (full fine-tuning)")
@@ -66,14 +66,6 @@ class TrainSettings(Settings):
     kd_temperature: float = setting(1.0, "distillation temperature T", min=0.0, min_exclusive=True)
     checkpoint_every: int = setting(16, "steps between atomic checkpoints (0 = off)", min=0)
     resume: bool = setting(True, "continue from the scratch checkpoint after an interruption")
-
-    @classmethod
-    def from_params(cls, p) -> "TrainSettings":
-        """``train.*``, with the seed from ``train.seed`` if set, else the top-level ``seed``."""
-        s = super().from_params(p)
-        if "seed" not in p.section("train"):
-            s = dataclasses.replace(s, seed=p.int("seed", min=0))
-        return s
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A :class:`Variant` says what a variant is called in each mode, whether it trains, where its
 training starts and how its :class:`~flexigpt.model.flexi.FlexiSpec` is built from a
-:class:`Recipe` (params ``mode``, ``seed``, ``adapters.*``, ``norm.*``, ``extend.*``) and a plan.
+:class:`Recipe` (params ``mode``, ``train.seed``, ``adapters.*``, ``norm.*``, ``extend.*``) and a plan.
 
 ============== ======================================= ==============================================
 variant        ``mode: prune`` (default)               ``mode: extend``
@@ -66,6 +66,15 @@ class AdapterSettings(Settings):
 
 
 @dataclass(frozen=True)
+class BaselineSettings(Settings):
+    """The ShortGPT+LoRA baseline's adapters (params ``baseline.*``; only ``train_lora_baseline`` reads them)."""
+
+    SECTION = "baseline"
+    params_matched: bool = setting(False, "prune mode: raise the baseline's LoRA rank so its adapter parameters "
+                                          "match FlexiGPT's (false = the same rank; extend mode always matches)")
+
+
+@dataclass(frozen=True)
 class NormSettings(Settings):
     """Output LayerNorm on replaced blocks' attention and MLP outputs (params ``norm.*``; paper Eq. 6)."""
 
@@ -97,19 +106,21 @@ class SvdInitSettings(Settings):
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything a variant's structure depends on: mode, seed, adapters, norms, extension."""
+    """Everything a variant's structure depends on: mode, training seed (random adapter init), adapters, norms,
+    extension."""
 
     mode: str = "prune"
     seed: int = 0
     adapters: AdapterSettings = field(default_factory=AdapterSettings)
     norm: NormSettings = field(default_factory=NormSettings)
     extend: ExtendSettings = field(default_factory=ExtendSettings)
+    baseline: BaselineSettings = field(default_factory=BaselineSettings)
 
     @classmethod
     def from_params(cls, p: Params) -> "Recipe":
-        return cls(mode=p.str("mode", choices=list(MODES), default="prune"), seed=p.int("seed", min=0),
+        return cls(mode=p.str("mode", choices=list(MODES), default="prune"), seed=p.int("train.seed", min=0, default=0),
                    adapters=AdapterSettings.from_params(p), norm=NormSettings.from_params(p),
-                   extend=ExtendSettings.from_params(p))
+                   extend=ExtendSettings.from_params(p), baseline=BaselineSettings.from_params(p))
 
 
 def recipe(x: Recipe | Params) -> Recipe:
@@ -139,6 +150,18 @@ def matched_rank(r: Recipe | Params, num_blocks: int) -> int:
     return max(1, round(spec.lora.rank * len(spec.lora_positions) / num_blocks))
 
 
+def matched_prune_rank(r: Recipe | Params, plan: Plan) -> int:
+    """ShortGPT+LoRA rank with (about) FlexiGPT's adapter parameters: ``max(1, round(r * n_flexi / n_kept))``.
+
+    FlexiGPT adapts ``n_flexi`` positions (the replaced ones, plus the kept ones with ``lora_on_kept``),
+    the baseline the ``n_kept`` kept blocks; every block has the same linears, so equal ``rank x blocks``
+    is equal LoRA parameters (FlexiGPT's output-norm γ, 2d per replaced block, is not matched: < 0.1%).
+    """
+    r = recipe(r)
+    n_flexi = len(_flexigpt_spec(r, plan, plan.num_blocks).lora_positions)
+    return max(1, round(r.adapters.rank * n_flexi / (plan.num_blocks - len(plan.pruned))))
+
+
 def _need_plan(plan: Plan | None, variant: str) -> Plan:
     if plan is None:
         raise FlexiError("paths.plan", f"{variant} in mode prune needs a pruning plan", "run `dvc repro prune` first")
@@ -161,6 +184,8 @@ def _baseline_spec(r: Recipe, plan: Plan | None, L: int) -> fm.FlexiSpec:
         lora = fm.LoraSettings(rank=matched_rank(r, L), alpha=None, targets=lora.targets, init="zeros")
         return fm.shortgpt_spec(L, [], lora)
     plan = _need_plan(plan, "lora_baseline")
+    if r.baseline.params_matched:
+        lora = fm.LoraSettings(rank=matched_prune_rank(r, plan), alpha=lora.alpha, targets=lora.targets, init=lora.init)
     return fm.shortgpt_spec(plan.num_blocks, plan.pruned, lora)
 
 
@@ -249,7 +274,7 @@ def build_variant(base: nn.Module, variant: str, r: Recipe | Params, plan: Plan 
                   copy_base: bool = True) -> nn.Module:
     """A fresh model of ``variant`` (the base is deep-copied unless ``copy_base`` is False).
 
-    Seeded from ``seed`` first: PEFT draws every zero-init adapter's A matrix from torch's
+    Seeded from ``train.seed`` first: PEFT draws every zero-init adapter's A matrix from torch's
     global generator, so an unseeded build gives other weights on every run.
     """
     r = recipe(r)
@@ -327,6 +352,7 @@ def init_flexigpt(r: Recipe, s: SvdInitSettings, base_model: str | os.PathLike, 
     """
     from flexigpt.model.forward import mean_nll
     from flexigpt.model.importer import load_plain
+    from flexigpt.model.selftest import self_test
 
     plan = load_plan(r, plan_dir)
     num_blocks = facts_of(base_model).num_blocks
@@ -334,6 +360,7 @@ def init_flexigpt(r: Recipe, s: SvdInitSettings, base_model: str | os.PathLike, 
     dtype = resolve_dtype(s.eval_dtype, device)
     base, tok = load_plain(Path(base_model))
     fm.validate_spec(arch_of(base), spec)
+    self_test(base)  # a wrong family seam fails here, loudly, not as a quietly worse model
     metrics: dict[str, Any] = {"mode": r.mode, "depth_before": num_blocks, "depth_after": len(spec.sources)}
     sizes: dict[str, int] = {}
     for name in ("dense", "shortgpt", "flexigpt"):

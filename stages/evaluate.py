@@ -27,9 +27,11 @@ def body(ctx: StageContext, variant: str) -> None:
     variants.get(variant)  # a registered variant: its name says how its folder is read
     files = s.data_files(data_dir(ctx.params))  # every input checked before any model loads
     out_file = ctx.path("metrics_dir") / "eval" / f"{variant}.json"
+    samples_file = ctx.path("metrics_dir") / "eval" / "samples" / f"{variant}.json"
     if not variants.applicable(variant, r):
         log.info("%s does not exist in mode %s: recorded as not applicable", variant, r.mode)
         write_json(out_file, {"variant": variant, "mode": r.mode, "applicable": False})
+        write_json(samples_file, {"variant": variant, "mode": r.mode, "applicable": False})
         write_json(ctx.path("eval") / variant / "not_applicable.json", {"variant": variant, "mode": r.mode})
         return
     variants.check_folder(variant, s.variants[variant])
@@ -37,7 +39,7 @@ def body(ctx: StageContext, variant: str) -> None:
     heldout = load_split(ctx.path("data"), "heldout")
     model, tok = variants.load_variant(variant, s.variants[variant], ctx.path("base_model"), r)
     place(model, ctx.device)
-    record, raw = evaluate_model(model, tok, s, data_dir(ctx.params), heldout, ctx.device)
+    record, raw, samples = evaluate_model(model, tok, s, data_dir(ctx.params), heldout, ctx.device)
     out = {"variant": variant, "label": variants.label(variant, r), "mode": r.mode, "applicable": True, **record,
            "runtime": ctx.runtime(s.dtype)}
     batch = heldout[:1]
@@ -51,6 +53,7 @@ def body(ctx: StageContext, variant: str) -> None:
     eval_dir = ctx.path("eval") / variant
     eval_dir.mkdir(parents=True, exist_ok=True)
     lm_tasks.save_results(raw, eval_dir / "lm_eval_results.json")
+    write_json(samples_file, {"variant": variant, "mode": r.mode, "applicable": True, **samples})
     write_json(out_file, out)
     ctx.run.log_metrics({k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     ctx.run.log_metrics({"tasks": out["tasks"], "cost": out["cost"]})

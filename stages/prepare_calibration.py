@@ -2,7 +2,7 @@
 import _env  # noqa: F401  (first: one clear line instead of a traceback outside the project's environment)
 from pathlib import Path
 
-from flexigpt.config import data_dir
+from flexigpt.config import DataSettings, data_dir
 from flexigpt.data.splits import CalibrationSettings, HeldoutSettings, prepare
 from flexigpt.fileio import write_json
 from flexigpt.model.importer import load_tokenizer_and_max_len
@@ -11,7 +11,7 @@ from flexigpt.pipeline.stagekit import StageContext, log, stage_main
 
 def body(ctx: StageContext) -> None:
     p = ctx.params
-    cal, held, seed = CalibrationSettings.from_params(p), HeldoutSettings.from_params(p), p.int("seed", min=0)
+    cal, held, seed = CalibrationSettings.from_params(p), HeldoutSettings.from_params(p), DataSettings.from_params(p).seed
     tok, max_len = load_tokenizer_and_max_len(ctx.path("base_model"))
     log.info("packing %s into %d-token sequences (seed %d)", cal.source, cal.seq_len, seed)
     manifest = prepare(cal, held, seed, data_dir(p), tok, max_len, ctx.path("data"))

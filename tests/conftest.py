@@ -39,6 +39,19 @@ def make_tiny_opt(n_layers: int = 4, hidden: int = 32, seed: int = 0, vocab: int
     return OPTForCausalLM(cfg).eval()
 
 
+def bos_tokenizer():
+    """Like make_tokenizer, but it puts <bos> before every text it encodes with special tokens (Gemma, Llama-2)."""
+    from tokenizers import processors
+
+    from helpers import make_tokenizer
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    bos = tok.convert_tokens_to_ids("<bos>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return tok, bos
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama, make_tiny_opt
+from families import FAMILIES, make_model
 from flexigpt.errors import FlexiError
 from flexigpt.model.arch import ARCHS, Arch, arch_class, arch_of, facts_of
 
-TINY = {"llama": make_tiny_llama, "opt": make_tiny_opt}
+# the conftest models for Llama / OPT, the tiny configs of tests/families.py for every other family
+TINY = {**{f.model_types[0]: (lambda f=f: make_model(f)) for f in FAMILIES}, "llama": make_tiny_llama, "opt": make_tiny_opt}
 
 
 def test_every_registered_family_has_a_tiny_model_here():
@@ -41,14 +43,16 @@ def test_unsupported_family_names_the_param_and_the_seam():
 def test_facts_from_config_and_folder_agree_with_the_model(family, tmp_path):
     model = TINY[family]()
     arch = arch_of(model)
-    cfg = model.config
+    cfg = arch.config  # the text config of a multimodal model
     assert arch.num_blocks == cfg.num_hidden_layers == len(arch.blocks())
     assert arch.hidden_size == cfg.hidden_size and arch.max_positions == cfg.max_position_embeddings
     q = arch.weights(0)[arch.linear_names[0]]
-    assert arch.attention_width == q.shape[0]  # q_proj's output width is heads x head_dim
+    # q_proj's output width is heads x head_dim (fused qkv: 3x that, the tiny models have no GQA)
+    assert q.shape[0] == (3 if arch.unfused.get("q_proj") else 1) * arch.attention_width
     model.config.to_json_file(tmp_path / "config.json")
     assert facts_of(tmp_path) == arch.facts(model.config)
-    assert facts_of(tmp_path).num_blocks == json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"]
+    stored = arch.text_config(json.loads((tmp_path / "config.json").read_text()))
+    assert facts_of(tmp_path).num_blocks == stored[arch.depth_key]
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
@@ -58,7 +62,7 @@ def test_backbone_and_head_give_the_model_logits(family):
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         h = arch.backbone()(input_ids=ids).last_hidden_state
-        assert torch.allclose(arch.head()(h), model(input_ids=ids).logits, atol=1e-5)
+        assert torch.allclose(arch.logits(h), model(input_ids=ids).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", sorted(TINY))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_llama, make_tiny_opt
+from conftest import bos_tokenizer, make_tiny_llama, make_tiny_opt
 from helpers import WORDS, make_tokenizer
 
 from flexigpt.evaluate import cost, lm_tasks, perplexity
@@ -285,3 +285,19 @@ def test_forward_latency(tokens):
         cost.forward_latency(make_tiny_llama(), tokens, repeats=0)
     with pytest.raises(FlexiError, match="cost.batch"):
         cost.forward_latency(make_tiny_llama(), tokens.float())
+
+
+def test_wikitext2_windows_start_with_bos_where_the_tokenizer_adds_it(tmp_path):
+    data = write_fake_wikitext2(tmp_path)
+    model, (tok, bos) = make_tiny_llama(), bos_tokenizer()
+    text = "\n\n".join(json.loads(line)["text"] for line in (data / perplexity.WIKITEXT2_FILE).read_text().splitlines())
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    window = 30
+    n = ids.numel() // (window - 1)  # each window holds BOS + 29 text tokens
+    r = perplexity.wikitext2_token_ppl(model, tok, data, window, batch_size=2, dtype="float32")
+    assert (r["windows"], r["predicted_tokens"]) == (n, n * (window - 1))  # every text token is predicted
+    assert f"BOS [{bos}] + 29 text tokens" in r["protocol"]
+    windows = torch.cat([torch.full((n, 1), bos), ids[: n * 29].view(n, 29)], dim=1)
+    with torch.no_grad():  # HF's own shifted loss over BOS-led windows
+        ref = model(input_ids=windows, labels=windows).loss
+    assert r["ppl"] == pytest.approx(math.exp(ref.item()), rel=1e-5)

@@ -17,7 +17,7 @@ EXT = {"mode": "extend", "extend": {"start": 1, "end": 3, "pattern": "block", "r
 
 
 def params(**over) -> Params:
-    p = Params({"seed": 0, "mode": "extend", "extend": dict(EXT["extend"]),
+    p = Params({"mode": "extend", "extend": dict(EXT["extend"]),
                 "adapters": {"rank": 8, "alpha": None, "targets": ["all"], "init": "svd_diff"},
                 "norm": {"enabled": True, "gamma_init": 0.001}})
     return p.with_overrides(over)

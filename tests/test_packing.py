@@ -3,6 +3,7 @@ import torch
 
 from flexigpt.errors import FlexiError
 from flexigpt.data.packing import SplitSpec, build_splits, doc_key, pack
+from conftest import bos_tokenizer
 from helpers import corpus, make_tokenizer
 
 
@@ -58,3 +59,33 @@ def test_too_many_heldout_windows(tok):
     with pytest.raises(FlexiError) as e:
         build_splits(corpus(80), corpus(3, seed=1), tok, spec(n_heldout=1000))
     assert e.value.param == "heldout.n_sequences"
+
+
+def test_bos_prefix_follows_the_tokenizer(tok):
+    from flexigpt.data.packing import bos_prefix
+
+    assert bos_prefix(tok) == []  # adds nothing, like SmolLM2's and GPT-2's tokenizers
+    btok, bos = bos_tokenizer()
+    assert bos_prefix(btok) == [bos]
+
+
+def test_rows_start_with_bos_where_the_tokenizer_adds_it(tok):
+    from flexigpt.data.packing import bos_prefix
+
+    btok, bos = bos_tokenizer()
+    docs, held = corpus(80), corpus(30, seed=1)
+    plain, _ = build_splits(docs, held, tok, spec())
+    with_bos, st = build_splits(docs, held, btok, spec())
+    assert st["row_prefix_ids"] == [bos] and bos_prefix(tok) == []
+    for k in plain:
+        rows = with_bos[k]
+        assert rows.shape == plain[k].shape  # seq_len counts the BOS
+        assert (rows[:, 0] == bos).all() and not (rows[:, 1:] == bos).any()
+        assert not (plain[k] == bos).any()
+    # the text after BOS is the same token stream, cut one token shorter per row
+    assert torch.equal(with_bos["heldout"][0, 1:], plain["heldout"].flatten()[:15])
+
+
+def test_pack_with_prefix():
+    out = pack([[1, 2, 3], [4, 5]], seq_len=3, sep=[0], prefix=[9])
+    assert out.tolist() == [[9, 1, 2], [9, 3, 0], [9, 4, 5]]

@@ -49,7 +49,7 @@ def mutations() -> list[tuple[str, str, object]]:
                 out.append((key, key, "no-such-choice"))
             # a misspelling of the key next to the right one
             out.append((f"{cls.SECTION}.{f.name}x", f"{cls.SECTION}.{f.name}x", 1))
-    out += [("seed", "seed", -1), ("seed", "seed", "0"), ("mode", "mode", "grow"), ("traim.lr", "traim", 0.1)]
+    out += [("seed", "seed", 0), ("mode", "mode", "grow"), ("traim.lr", "traim", 0.1)]
     return out
 
 

@@ -328,3 +328,17 @@ def test_prune_needs_importance_scores(tmp_path):
     with pytest.raises(FlexiError) as e:
         _plan(tmp_path, importance=False)
     assert e.value.param == "paths.importance" and "score_importance" in e.value.fix
+
+
+def test_bases_keep_the_layer_type_when_asked():
+    from flexigpt.compress.distance import choose_bases
+
+    d = {1: {0: 0.5, 2: 0.1, 3: 0.9}, 4: {0: 0.2, 2: 0.3, 3: 0.1}}
+    types = ["full", "sliding", "sliding", "full", "full"]
+    assert choose_bases(d) == {1: 2, 4: 3}  # nearest, whatever the type
+    assert choose_bases(d, types) == {1: 2, 4: 3}
+    types = ["sliding", "full", "sliding", "full", "sliding"]
+    assert choose_bases(d, types) == {1: 3, 4: 0}  # nearer blocks of the other type are passed over
+    with pytest.raises(FlexiError) as e:
+        choose_bases({1: {0: 0.1, 2: 0.2}}, ["sliding", "full", "sliding"])
+    assert e.value.param == "prune.base_layer_type" and "any" in e.value.fix

@@ -19,7 +19,7 @@ from flexigpt.pipeline.stagekit import link_exp_data
 from flexigpt.train import TrainSettings, train
 from flexigpt.variants import build_variant
 
-PARAMS = {"seed": 0, "mode": "prune",
+PARAMS = {"train": {"seed": 0}, "mode": "prune",
           "adapters": {"rank": 4, "alpha": None, "targets": ["all"], "init": "svd_diff", "lora_on_kept": True},
           "norm": {"enabled": True, "gamma_init": 0.001}}
 
@@ -44,7 +44,7 @@ def test_build_is_seeded():
     assert lora_a
     sa, sb = dict(a.named_parameters()), dict(b.named_parameters())
     assert all(torch.equal(sa[n], sb[n]) for n in lora_a)
-    c = build_variant(base, "flexigpt", p.with_overrides({"seed": 1}), plan)
+    c = build_variant(base, "flexigpt", p.with_overrides({"train.seed": 1}), plan)
     sc = dict(c.named_parameters())
     assert any(not torch.equal(sa[n], sc[n]) for n in lora_a)  # the seed is what decides
 

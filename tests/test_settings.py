@@ -71,9 +71,16 @@ def test_settings_are_frozen_and_validate_when_built_directly():
     assert dataclasses.replace(s, rank=4).rank == 4
 
 
-def test_train_seed_falls_back_to_the_top_level_seed():
-    assert TrainSettings.from_params(Params({"seed": 3, "train": {}})).seed == 3
-    assert TrainSettings.from_params(Params({"seed": 3, "train": {"seed": 7}})).seed == 7
+def test_data_and_training_seeds_are_separate(tmp_path):
+    from flexigpt.config import DataSettings
+
+    p = Params({"data": {"seed": 3}, "train": {"seed": 7}})
+    assert (DataSettings.from_params(p).seed, TrainSettings.from_params(p).seed) == (3, 7)
+    assert TrainSettings.from_params(Params({"train": {}})).seed == 0
+    (tmp_path / "params.yaml").write_text("seed: 0\nmode: prune\n")  # a params file from before the split
+    with pytest.raises(FlexiError) as e:
+        Params.load(tmp_path / "params.yaml")
+    assert e.value.param == "seed" and "data.seed" in e.value.fix and "train.seed" in e.value.fix
 
 
 def test_cpu_device_policy():
@@ -95,11 +102,10 @@ def test_the_schema_defaults_are_the_values_in_params_yaml():
     """One source of truth: a key left out of params.yaml means what params.yaml says it is."""
     p = Params.load(ROOT / "params.yaml")
     for cls in SECTIONS:
-        if cls.SECTION == "compute" or cls.SECTION == "train":
-            continue  # compute: checked below (device auto needs no GPU); train: seed comes from the top level
+        if cls.SECTION == "compute":
+            continue  # checked below (device auto needs no GPU)
         if cls is EvaluateSettings:  # evaluate.variants is required: it names the evaluate@<variant> stages
             assert cls.from_params(p) == cls(variants=p.get("evaluate.variants")), cls.__name__
             continue
         assert cls.from_params(p) == cls(), cls.__name__
-    assert TrainSettings.from_params(p) == dataclasses.replace(TrainSettings(), seed=p.get("seed"))
     assert ComputeSettings.from_params(p) == ComputeSettings()

@@ -31,7 +31,7 @@ def test_happy_path_tiny(proj):
     import json
 
     man = json.loads((tmp / "artifacts/data/manifest.json").read_text())
-    assert man["splits"]["train"]["tokens"] == 64 and man["seed"] == p["seed"]
+    assert man["splits"]["train"]["tokens"] == 64 and man["seed"] == p["data"]["seed"]
     assert all(len(h) == 64 for h in man["sources"]["calibration"]["sha256"].values())
 
 

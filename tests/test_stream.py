@@ -78,14 +78,14 @@ def test_one_block_in_memory_at_a_time(sharded, ids):
     assert len(reads) >= model.num_blocks
 
 
-def test_a_model_larger_than_the_memory_cap(tmp_path):
-    """436 MB of weights (32 blocks of 13.6 MB) scored under a 280 MB address-space cap (the pass needed
-    90-200 MB on the machines tried); loading the whole model under the same cap fails, so the cap binds. One malloc arena: a thread
-    started after the cap would otherwise reserve 64 MB of address space for its own."""
+def test_streamed_scoring_holds_a_fraction_of_the_model(tmp_path):
+    """A ~0.5 GB model (32 blocks of 13.6 MB): the streamed pass's peak resident memory grows by a small part
+    of the model's size (24 MB of 513 measured), loading the whole model by about all of it (so the measure binds)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=32,
                       num_attention_heads=8, num_key_value_heads=8)
     big = _saved(LlamaForCausalLM(cfg).eval(), tmp_path / "big", "14MB")
+    model_mb = sum(f.stat().st_size for f in big.glob("*.safetensors")) / (1 << 20)
     warm = _saved(make_tiny_llama(n_layers=2, vocab=256), tmp_path / "warm")
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
@@ -95,15 +95,15 @@ def test_a_model_larger_than_the_memory_cap(tmp_path):
 
     def run(mode: str) -> dict:
         r = subprocess.run([sys.executable, str(HERE / "stream_worker.py"), str(big), str(warm),
-                            str(tmp_path / "ids.safetensors"), mode, "280"], capture_output=True, text=True,
-                           env={**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"})
+                            str(tmp_path / "ids.safetensors"), mode], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    streamed = run("stream")
-    assert streamed["ok"], streamed
-    assert streamed["scores"] == want
-    assert not run("full")["ok"]
+    streamed, whole = run("stream"), run("full")
+    assert streamed["scores"] == want and whole["scores"] == want
+    assert whole["peak_growth_mb"] >= 0.8 * model_mb, (whole, model_mb)
+    assert streamed["peak_growth_mb"] < 0.35 * model_mb, (streamed, model_mb)
 
 
 def test_memory_estimate_and_cap_error(sharded, ids):

@@ -198,12 +198,11 @@ def test_settings_from_params_reads_train_group_and_seed():
     from flexigpt.config import Params
     from flexigpt.train import settings_from_params
 
-    s = settings_from_params(Params({"seed": 3, "train": {"lr": 0.01, "norm_lr_mult": 10.0, "token_budget": 4096}}))
+    s = settings_from_params(Params({"train": {"lr": 0.01, "norm_lr_mult": 10.0, "token_budget": 4096, "seed": 3}}))
     assert (s.lr, s.norm_lr_mult, s.token_budget, s.seed) == (0.01, 10.0, 4096, 3)
-    assert settings_from_params(Params({"seed": 3, "train": {"seed": 7}})).seed == 7
     with pytest.raises(FlexiError) as e:
-        settings_from_params(Params({"seed": -1, "train": {}}))
-    assert e.value.param == "seed"
+        settings_from_params(Params({"train": {"seed": -1}}))
+    assert e.value.param == "train.seed"
 
 
 def test_norm_lr_multiplier_reaches_gamma():

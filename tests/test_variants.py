@@ -49,3 +49,19 @@ def test_validate_spec_leaves_the_spec_alone():
     before = spec.to_dict()
     fm.validate_spec(fm.arch_of(base), spec)
     assert spec.to_dict() == before
+
+
+def test_params_matched_baseline_has_flexigpts_adapter_params():
+    from flexigpt.config import Params
+    from flexigpt.model.flexi import adapter_params
+    from flexigpt.variants import build_variant, matched_prune_rank
+
+    base = make_tiny_llama(n_layers=6, hidden=32)
+    plan = make_plan(base, [0.5, 0.1, 0.4, 0.2, 0.9, 0.8], ratio=None, blocks=[1, 3], rank=4)
+    p = Params({"mode": "prune", "adapters": {"rank": 4, "lora_on_kept": True}})
+    matched = p.with_overrides({"baseline.params_matched": True})
+    assert matched_prune_rank(matched, plan) == 6  # round(4 x 6 adapted positions / 4 kept blocks)
+    flexi = adapter_params(build_variant(base, "flexigpt", p, plan))
+    same = adapter_params(build_variant(base, "lora_baseline", p, plan))
+    matched_params = adapter_params(build_variant(base, "lora_baseline", matched, plan))
+    assert same < matched_params and abs(matched_params - flexi) / flexi < 0.05

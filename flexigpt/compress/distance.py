@@ -49,6 +49,8 @@ from typing import Protocol, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from flexigpt.errors import FlexiError
+
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +380,20 @@ def distance_table(arch: BlockWeights, pruned: list[int], *, metric: str = "lowr
     return table, ranks
 
 
-def choose_bases(distances: dict[int, dict[int, float]]) -> dict[int, int]:
-    """``j* = argmin_j d(i, j)`` per pruned block (ties: the lower index)."""
-    return {i: min(row, key=lambda j: (row[j], j)) for i, row in distances.items()}
+def choose_bases(distances: dict[int, dict[int, float]], layer_types: list[str] | None = None) -> dict[int, int]:
+    """``j* = argmin_j d(i, j)`` per pruned block (ties: the lower index).
+
+    With ``layer_types`` (one per block), only candidates of the pruned block's own type are eligible
+    (``prune.base_layer_type: same``); a pruned block with no kept block of its type is an error.
+    """
+    out = {}
+    for i, row in distances.items():
+        eligible = [j for j in row if layer_types is None or layer_types[j] == layer_types[i]]
+        if not eligible:
+            kept = sorted({layer_types[j] for j in row}) if layer_types else []
+            raise FlexiError("prune.base_layer_type", f"pruned block {i} is a {layer_types[i]!r} layer and no kept "
+                             f"block has that type (kept types: {kept})",
+                             "set prune.base_layer_type: any, or prune fewer blocks of that type")
+        out[i] = min(eligible, key=lambda j: (row[j], j))
+    return out
 

@@ -168,14 +168,13 @@ def _streamed_nll(model: StreamedModel, input_ids: torch.Tensor, order: list[int
                   dtype: str) -> float:
     """:func:`~flexigpt.model.forward.mean_nll` of the blocks ``order``, run layer-wise (same arithmetic)."""
     hs = model.run(input_ids, batch_size=batch_size, dtype=dtype, order=order, progress=False)
-    head = model.head()
     total, count = 0.0, 0
     with compute_context(dtype, model.device):
         for ids, h in zip(iter_batches(input_ids, batch_size), hs):
             ids = ids.to(model.device)
             h = model.finish(ids, h, dtype)
             for row in range(ids.shape[0]):
-                logits = head(h[row, :-1]).float()
+                logits = model.logits(h[row, :-1]).float()  # the model's own head path (Gemma 2 soft-caps)
                 total += F.cross_entropy(logits, ids[row, 1:], reduction="sum").item()
                 count += ids.shape[1] - 1
     return total / count

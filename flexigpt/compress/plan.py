@@ -30,6 +30,9 @@ from flexigpt.model.flexi import unique_params
 from flexigpt.model.stream import StreamedModel, StreamSettings
 
 
+BASE_LAYER_TYPES = ("same", "any")
+
+
 # -- settings -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PruneSettings(Settings):
@@ -44,6 +47,9 @@ class PruneSettings(Settings):
     aggregate: str = setting("sum_sq", "per-block distance from per-matrix ones", choices=AGGREGATES)
     svd: str = setting("gram", "truncated SVD of each weight", choices=SVD_METHODS)
     precision: str = setting("float64", "dtype of the base-distance SVDs and eigenproblems", choices=tuple(PRECISIONS))
+    base_layer_type: str = setting("same", "bases for families with per-layer attention types (sliding / global): "
+                                   "same = only a kept block of the pruned block's type | any = ignore the type",
+                                   choices=BASE_LAYER_TYPES)
 
     def check(self) -> None:
         if self.ratio is not None and self.blocks is not None:
@@ -132,6 +138,9 @@ class Plan:
     ratio: float | None = None
     importance_method: str | None = None
     scores: list[float] | None = None
+    # per-block attention types and the base rule, for families that have them (None: one type)
+    layer_types: list[str] | None = None
+    base_layer_type: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """The headline numbers (what the prune stage reports as metrics)."""
@@ -147,6 +156,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["layer_types"] is None:  # a one-type model's plan reads as before
+            del d["layer_types"], d["base_layer_type"]
         d["base"] = {str(i): j for i, j in self.base.items()}
         d["distances"] = {str(i): {str(j): v for j, v in row.items()} for i, row in self.distances.items()}
         return d
@@ -195,7 +206,10 @@ def make_plan(model: nn.Module | StreamedModel, scores: list[float] | None, sett
     pruned = choose_pruned(scores, ratio, blocks)
     distances, ranks = distance_table(arch, pruned, metric=metric, rank=rank, aggregate=aggregate, svd=s.svd,
                                       progress=progress, precision=s.precision)
-    base = choose_bases(distances)
+    types = (model.arch if isinstance(model, StreamedModel) else arch).layer_types()
+    if types is not None and len(set(types)) < 2:
+        types = None  # one attention type: nothing to restrict, and the plan reads as before
+    base = choose_bases(distances, types if s.base_layer_type == "same" else None)
     before, per_block = model.param_counts() if isinstance(model, StreamedModel) else \
         (unique_params(model), [unique_params(b) for b in arch.blocks()])
     after = before - sum(per_block[i] for i in pruned)
@@ -203,7 +217,8 @@ def make_plan(model: nn.Module | StreamedModel, scores: list[float] | None, sett
                 layer_map=[base.get(p, p) for p in range(L)], params_before=before, params_after=after,
                 removed_param_fraction=(before - after) / before, metric=metric, aggregate=aggregate, rank=rank,
                 effective_rank=ranks, ratio=None if blocks is not None else ratio,
-                importance_method=importance_method, scores=[float(s) for s in scores])
+                importance_method=importance_method, scores=[float(s) for s in scores], layer_types=types,
+                base_layer_type=None if types is None else s.base_layer_type)
 
 
 def load_scores(importance: str | os.PathLike, num_blocks: int) -> tuple[list[float] | None, str | None]:

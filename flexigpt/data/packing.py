@@ -6,7 +6,8 @@ Splits:
 - ``heldout``: perplexity windows, disjoint from the other two by document.
 
 Within calibration/train, documents are shuffled with ``seed`` and joined with EOS; a document
-never spans two splits. The heldout split keeps source order and joins with ``heldout_join``
+never spans two splits. Every row starts with the tokens the tokenizer puts before a text
+(:func:`bos_prefix`: BOS for Llama-2/Gemma tokenizers, nothing for SmolLM2/GPT-2), as lm-eval does. The heldout split keeps source order and joins with ``heldout_join``
 ("\\n\\n" is the usual WikiText-2 protocol).
 
 Documents are tokenized :data:`CHUNK_DOCS` at a time and the train split can be streamed to a sink
@@ -37,13 +38,41 @@ def doc_key(text: str) -> str:
     return hashlib.sha1(" ".join(text.split()).encode()).hexdigest()
 
 
-def pack(token_docs: list[list[int]], seq_len: int, sep: list[int]) -> torch.Tensor:
-    """Concatenate docs (each followed by ``sep``) and cut into full ``seq_len`` rows; drop the tail."""
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text when it adds special tokens (``[bos]`` or ``[]``).
+
+    Why: lm-eval encodes with the tokenizer's own special tokens, so packing and perplexity follow the
+    same convention (Gemma reads WikiText at PPL 23.9 with BOS and 61.5 without).
+    """
+    probe = "The"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):  # where the plain ids start inside the special-token encoding
+        if full[k:k + len(plain)] == plain:
+            return [int(i) for i in full[:k]]
+    return []
+
+
+def with_prefix(rows: np.ndarray | torch.Tensor, prefix: list[int]) -> np.ndarray | torch.Tensor:
+    """``rows`` [N, T'] with ``prefix`` prepended to every row (a no-op for an empty prefix)."""
+    if not prefix:
+        return rows
+    if isinstance(rows, torch.Tensor):
+        head = torch.tensor(prefix, dtype=rows.dtype).expand(rows.shape[0], len(prefix))
+        return torch.cat([head, rows], dim=1)
+    return np.concatenate([np.broadcast_to(np.asarray(prefix, dtype=rows.dtype), (rows.shape[0], len(prefix))), rows],
+                          axis=1)
+
+
+def pack(token_docs: list[list[int]], seq_len: int, sep: list[int], prefix: list[int] | None = None) -> torch.Tensor:
+    """Concatenate docs (each followed by ``sep``) into full rows of ``prefix`` + text, ``seq_len`` in all; drop the tail."""
+    prefix = prefix or []
+    body = seq_len - len(prefix)
     flat: list[int] = []
     for t in token_docs:
         flat += t + sep
-    n = len(flat) // seq_len
-    return torch.tensor(flat[: n * seq_len], dtype=torch.int32).view(n, seq_len)
+    n = len(flat) // body
+    return with_prefix(torch.tensor(flat[: n * body], dtype=torch.int32).view(n, body), prefix)
 
 
 @dataclass
@@ -84,8 +113,11 @@ class _RowPacker:
     Holds at most :data:`FLUSH_TOKENS` tokens plus one document: memory does not grow with the split.
     """
 
-    def __init__(self, seq_len: int, n_rows: int, sep: list[int], sink: RowSink) -> None:
-        self.seq_len, self.left, self.sep, self.sink = seq_len, n_rows, sep, sink
+    def __init__(self, seq_len: int, n_rows: int, sep: list[int], sink: RowSink, prefix: list[int] | None = None
+                 ) -> None:
+        self.prefix = prefix or []
+        self.body = seq_len - len(self.prefix)  # text tokens per row, after the prefix
+        self.left, self.sep, self.sink = n_rows, sep, sink
         self.buf: list[int] = []
 
     def add(self, doc: list[int]) -> None:
@@ -95,11 +127,12 @@ class _RowPacker:
             self.flush()
 
     def flush(self) -> None:
-        k = min(len(self.buf) // self.seq_len, self.left)
+        k = min(len(self.buf) // self.body, self.left)
         if k:
-            self.sink(np.asarray(self.buf[:k * self.seq_len], dtype=np.int32).reshape(k, self.seq_len))
+            rows = np.asarray(self.buf[:k * self.body], dtype=np.int32).reshape(k, self.body)
+            self.sink(np.ascontiguousarray(with_prefix(rows, self.prefix)))
             self.left -= k
-        self.buf = self.buf[k * self.seq_len:] if self.left else []  # the tail starts the next row, if any is due
+        self.buf = self.buf[k * self.body:] if self.left else []  # the tail starts the next row, if any is due
 
 
 def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer, spec: SplitSpec,
@@ -113,7 +146,8 @@ def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer
     eos = tokenizer.eos_token_id
     if eos is None:
         raise FlexiError("model", "the tokenizer has no EOS token to separate documents", "use a tokenizer with eos_token")
-    sep = [eos]
+    sep, prefix = [eos], bos_prefix(tokenizer)
+    body = spec.seq_len - len(prefix)  # text tokens per row
     rng = random.Random(spec.seed)
     seen: set[str] = set()
     order = []  # each distinct document once: a duplicate could otherwise land in two splits
@@ -125,7 +159,7 @@ def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer
     stats: dict = {"pool_duplicate_docs_dropped": len(pool_docs) - len(order)}
     if heldout_docs is None:  # carve heldout documents from the shuffled pool first
         toks = _doc_tokens(tokenizer, pool_docs, order)
-        need = (spec.n_heldout or 0) * spec.seq_len
+        need = (spec.n_heldout or 0) * body
         k = _take(toks, need)[0] if need else 0  # too little text: all of it, and the calibration check fails
         held_idx, order = order[:k], order[k:]
         heldout_docs = [pool_docs[i] for i in held_idx]
@@ -137,16 +171,16 @@ def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer
         stats["pool_docs_dropped_overlapping_heldout"] = before - len(order)
         toks = _doc_tokens(tokenizer, pool_docs, order)
 
-    cal_need = spec.n_calibration * spec.seq_len
+    cal_need = spec.n_calibration * body
     cal_toks: list[list[int]] = []
     k_cal, cal_len, ok = _take(toks, cal_need, cal_toks.append)
     if not ok:  # every document went into the attempt, so cal_len is all the text there is
         raise FlexiError("calibration.n_sequences", f"needs {cal_need} tokens but the text has only {cal_len}",
-                         f"lower it to at most {cal_len // spec.seq_len}, or add text")
+                         f"lower it to at most {cal_len // body}, or add text")
     n_train = spec.train_tokens // spec.seq_len
     blocks: list[np.ndarray] = []
-    packer = _RowPacker(spec.seq_len, n_train, sep, train_sink or blocks.append)
-    k_train, train_len, ok = _take(toks, n_train * spec.seq_len, packer.add)
+    packer = _RowPacker(spec.seq_len, n_train, sep, train_sink or blocks.append, prefix)
+    k_train, train_len, ok = _take(toks, n_train * body, packer.add)
     rest_avail = train_len + sum(len(t) + 1 for t in toks)  # counted chunk by chunk, tokens not kept
     available = cal_len + rest_avail
     if not ok:
@@ -155,12 +189,12 @@ def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer
                          f"{rest_avail} tokens ({available} in all, {len(pool_docs)} documents)",
                          f"lower it to at most {rest_avail - spec.seq_len}, or add text")
     packer.flush()
-    cal = pack(cal_toks, spec.seq_len, sep)[: spec.n_calibration]
+    cal = pack(cal_toks, spec.seq_len, sep, prefix)[: spec.n_calibration]
     del cal_toks
 
     held_text = spec.heldout_join.join(heldout_docs)
     held_ids = tokenizer(held_text, add_special_tokens=False)["input_ids"]
-    n_win = len(held_ids) // spec.seq_len
+    n_win = len(held_ids) // body
     if n_win == 0:
         raise FlexiError("heldout.source", f"holds {len(held_ids)} tokens, less than one window of {spec.seq_len}",
                          "use a larger heldout source or a shorter calibration.seq_len")
@@ -168,8 +202,8 @@ def build_splits(pool_docs: list[str], heldout_docs: list[str] | None, tokenizer
         raise FlexiError("heldout.n_sequences", f"asks for {spec.n_heldout} windows, the text has {n_win}",
                          f"lower it to at most {n_win} (or null for all)")
     n_h = n_win if spec.n_heldout is None else spec.n_heldout
-    heldout = torch.tensor(held_ids[: n_h * spec.seq_len], dtype=torch.int32).view(n_h, spec.seq_len)
-    stats.update(pool_tokens_available=available, calibration_docs=k_cal, train_docs=k_train,
+    heldout = with_prefix(torch.tensor(held_ids[: n_h * body], dtype=torch.int32).view(n_h, body), prefix)
+    stats.update(row_prefix_ids=prefix, pool_tokens_available=available, calibration_docs=k_cal, train_docs=k_train,
                  heldout_docs=len(heldout_docs), heldout_windows_available=n_win,
                  calibration_doc_keys=[doc_key(pool_docs[i]) for i in order[:k_cal]],
                  train_doc_keys=[doc_key(pool_docs[i]) for i in order[k_cal:k_cal + k_train]])

@@ -92,6 +92,8 @@ def prepare(cal: CalibrationSettings, held: HeldoutSettings, seed: int, data_dir
         keys = {"calibration": stats.pop("calibration_doc_keys"), "train": stats.pop("train_doc_keys")}
         manifest = {
             "seed": seed, "seq_len": cal.seq_len, "tokenizer": tokenizer.name_or_path,
+            # ids that start every row (BOS where the tokenizer adds one, as lm-eval does; [] for SmolLM2)
+            "row_prefix_ids": stats.pop("row_prefix_ids"),
             "splits": {k: {"sequences": int(n), "tokens": int(n * t), "file": f"{k}.safetensors"}
                        for k, (n, t) in shapes.items()},
             "sources": {"calibration": {"spec": pool.spec, "sha256": pool.files},

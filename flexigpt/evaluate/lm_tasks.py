@@ -337,12 +337,40 @@ def run_zero_shot(model, tokenizer, tasks: str | Iterable[str], data_dir: str | 
             with compute_context(dtype, model):
                 raw = simple_evaluate(model=lm, tasks=[local[t] for t in names], num_fewshot=0,
                                       samples=_samples(limits, files), task_manager=task_manager(ydir),
-                                      log_samples=False, bootstrap_iters=bootstrap_iters)
+                                      log_samples=True, bootstrap_iters=bootstrap_iters)
         finally:
             model.train(was_training)
+    samples = per_doc(raw.pop("samples", None) or {}, {t: local[t] for t in names})  # kept out of the results file
     raw = stable_results(to_jsonable(raw), {str(ydir): "<task-yamls>"})
     n_docs = {t: int(raw.get("n-samples", {}).get(local[t], {}).get("effective", 0)) for t in names}
-    return {"tasks": task_metrics(raw), "n_docs": n_docs, "limits": limits, "dtype": dtype, "raw": raw}
+    return {"tasks": task_metrics(raw), "n_docs": n_docs, "limits": limits, "dtype": dtype, "raw": raw,
+            "samples": samples}
+
+
+PER_DOC_METRICS = ("acc", "acc_norm")
+
+
+def per_doc(logged: Mapping[str, list[Mapping[str, Any]]], local: Mapping[str, str]) -> dict[str, dict[str, list]]:
+    """Per-document correctness from lm-eval's ``log_samples``: ``{task: {doc_ids, docs_sha256, acc, acc_norm}}``.
+
+    Why: paired statistics between models need each document's result, not the task mean; the
+    ``docs_sha256`` digest of lm-eval's document hashes proves two models saw the same documents.
+    """
+    import hashlib
+
+    out: dict[str, dict[str, list]] = {}
+    for task, name in local.items():
+        rows = sorted(logged.get(name, []), key=lambda r: int(r["doc_id"]))
+        if not rows or not any(m in rows[0] for m in PER_DOC_METRICS):
+            continue  # e.g. wikitext: perplexity tasks have no per-document correctness
+        rec: dict[str, Any] = {"doc_ids": [int(r["doc_id"]) for r in rows],
+                               "docs_sha256": hashlib.sha256("".join(str(r.get("doc_hash", "")) for r in rows)
+                                                             .encode()).hexdigest()}
+        for m in PER_DOC_METRICS:
+            if m in rows[0]:
+                rec[m] = [int(round(float(r[m]))) for r in rows]
+        out[task] = rec
+    return out
 
 
 def save_results(results: Mapping[str, Any], path: str | Path) -> None:

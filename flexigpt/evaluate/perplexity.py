@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from flexigpt.config import check_int
+from flexigpt.data.packing import bos_prefix, with_prefix
 from flexigpt.errors import FlexiError
 from flexigpt.model.arch import arch_of
 from flexigpt.model.forward import check_dtype, check_input_ids, mean_nll
@@ -73,10 +74,10 @@ def check_window(model: nn.Module, window: Any, param: str = "evaluate.ppl_windo
     return w
 
 
-def _ppl_result(nll: float, windows: torch.Tensor, protocol: str) -> dict[str, Any]:
+def _ppl_result(nll: float, windows: torch.Tensor, protocol: str, window_nll: list[float]) -> dict[str, Any]:
     n, t = windows.shape
     return {"ppl": math.exp(nll), "nll": nll, "windows": int(n), "window": int(t), "tokens": int(n * t),
-            "predicted_tokens": int(n * (t - 1)), "protocol": protocol}
+            "predicted_tokens": int(n * (t - 1)), "protocol": protocol, "window_nll": window_nll}
 
 
 def wikitext2_token_ppl(model: nn.Module, tokenizer, data_dir: str | Path, window: int = 2048, *,
@@ -92,16 +93,23 @@ def wikitext2_token_ppl(model: nn.Module, tokenizer, data_dir: str | Path, windo
     check_int("evaluate.batch_size", batch_size, min=1)
     check_dtype(dtype, "evaluate.dtype")
     ids = tokenize_once(tokenizer, load_wikitext2_text(data_dir))
-    windows = cut_windows(ids, window, max_windows)
+    prefix = bos_prefix(tokenizer)  # as lm-eval encodes: BOS first where the tokenizer adds one
+    body = window - len(prefix)  # text tokens per window
+    if body < 1:
+        raise FlexiError("evaluate.ppl_window", f"{window} tokens leave no room for text after BOS", "use a larger window")
+    windows = with_prefix(cut_windows(ids, body, max_windows), prefix)
     if windows.shape[0] == 0:
         raise FlexiError("evaluate.ppl_window", f"the text has only {ids.numel()} tokens, less than one "
                          f"{window}-token window", "use a smaller window")
     protocol = WIKITEXT2_PROTOCOL.format(window=window)
-    if max_windows is not None and windows.shape[0] < ids.numel() // window:
-        protocol += f"; first {windows.shape[0]} of {ids.numel() // window} windows only"
-    nll = mean_nll(model, windows, batch_size=batch_size, dtype=dtype, progress=progress)
-    out = _ppl_result(nll, windows, protocol)
-    out.update(total_tokens=int(ids.numel()), dropped_tokens=int(ids.numel() % window))
+    if prefix:
+        protocol += f"; each window is BOS {prefix} + {body} text tokens"
+    if max_windows is not None and windows.shape[0] < ids.numel() // body:
+        protocol += f"; first {windows.shape[0]} of {ids.numel() // body} windows only"
+    rows: list[float] = []
+    nll = mean_nll(model, windows, batch_size=batch_size, dtype=dtype, progress=progress, row_nll=rows)
+    out = _ppl_result(nll, windows, protocol, rows)
+    out.update(total_tokens=int(ids.numel()), dropped_tokens=int(ids.numel() % body))
     return out
 
 
@@ -112,6 +120,7 @@ def heldout_ppl(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 
     check_dtype(dtype, "evaluate.dtype")
     ids = check_input_ids(input_ids)
     n, t = ids.shape
-    nll = mean_nll(model, ids, batch_size=batch_size, dtype=dtype, progress=progress)
+    rows: list[float] = []
+    nll = mean_nll(model, ids, batch_size=batch_size, dtype=dtype, progress=progress, row_nll=rows)
     return _ppl_result(nll, ids, f"{label}: {n} pre-tokenised sequences of {t} tokens, each scored "
-                                 f"independently ({t - 1} predictions per sequence)")
+                                 f"independently ({t - 1} predictions per sequence)", rows)

@@ -65,6 +65,11 @@ class EvaluateSettings(Settings):
         out = lm_tasks.check_limits(self.limit, tasks)
         return {**out, **({"wikitext": self.wikitext_docs} if self.lm_eval_wikitext else {})}
 
+    def sample_settings(self, dtype: str, heldout_shape: tuple[int, ...]) -> dict[str, Any]:
+        """What two models' per-sample results must share to be paired (everything but the model)."""
+        return {"tasks": lm_tasks.check_tasks(self.tasks), "limits": self.limits(), "ppl_windows": list(self.ppl_windows),
+                "ppl_max_windows": self.ppl_max_windows, "dtype": dtype, "heldout_shape": list(heldout_shape)}
+
     def data_files(self, data_dir: Path) -> dict[str, Path]:
         """Every data file the evaluation reads (a missing one is named before any model loads)."""
         files = lm_tasks.data_files(data_dir, self.all_tasks)
@@ -73,20 +78,24 @@ class EvaluateSettings(Settings):
 
 
 def evaluate_model(model: nn.Module, tokenizer, s: EvaluateSettings, data_dir: Path, heldout: torch.Tensor,
-                   device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Evaluate one (already placed) model; returns ``(record, raw lm-eval results)``.
+                   device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Evaluate one (already placed) model; returns ``(record, raw lm-eval results, per-sample results)``.
 
     The record holds every PPL with its protocol, per-task metrics, the paper average and the cost
-    accounting; nothing in it depends on wall-clock time.
+    accounting; nothing in it depends on wall-clock time. The per-sample results (each document's
+    correctness, each window's NLL) are what paired comparisons between models bootstrap over.
     """
     dtype = resolve_dtype(s.dtype, device)
     out: dict[str, Any] = {"dtype": dtype, "protocols": {}}
+    nll: dict[str, list[float]] = {}
     h = perplexity.heldout_ppl(model, heldout, batch_size=s.batch_size, dtype=dtype, progress=True)
     out["heldout_ppl"], out["protocols"]["heldout_ppl"] = h["ppl"], h["protocol"]
+    nll["heldout"] = h["window_nll"]
     for w in s.ppl_windows:
         r = perplexity.wikitext2_token_ppl(model, tokenizer, data_dir, w, batch_size=1, dtype=dtype,
                                            max_windows=s.ppl_max_windows, progress=True)
         out[f"wikitext2_ppl_{w}"], out["protocols"][f"wikitext2_ppl_{w}"] = r["ppl"], r["protocol"]
+        nll[f"wikitext2_{w}"] = r["window_nll"]
     zs = lm_tasks.run_zero_shot(model, tokenizer, s.all_tasks, data_dir, s.limits(), batch_size=s.batch_size,
                                 dtype=dtype)
     wt = zs["tasks"].pop("wikitext", None)
@@ -99,4 +108,6 @@ def evaluate_model(model: nn.Module, tokenizer, s: EvaluateSettings, data_dir: P
     tasks = lm_tasks.check_tasks(s.tasks)
     out["paper_average"] = lm_tasks.paper_average(zs) if set(lm_tasks.PAPER_TASKS) <= set(tasks) else None
     out["cost"] = cost.count_cost(model).to_dict()
-    return out, zs["raw"]
+    samples = {"settings": s.sample_settings(dtype, tuple(heldout.shape)), "tasks": zs["samples"], "nll": nll,
+               "protocols": out["protocols"]}
+    return out, zs["raw"], samples

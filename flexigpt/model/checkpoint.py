@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flexigpt.model import flexi as fm
-from flexigpt.model.arch import arch_of
+from flexigpt.model.arch import Arch, arch_of
 from flexigpt.errors import FlexiError
 from flexigpt.fileio import atomic_dir, sha256_file
 
@@ -232,7 +232,7 @@ def merge(model: nn.Module) -> nn.Module:
     targets = fm.resolved_targets(arch, spec.lora)
     for p in mspec.lora_positions:
         for n, w in arch.weights(p).items():
-            if n.rsplit(".", 1)[-1] in targets and 2 * spec.lora.rank > min(w.shape):
+            if arch.target_of(n) in targets and 2 * spec.lora.rank > min(w.shape):
                 raise FlexiError("adapters.rank", f"the merged form needs rank {2 * spec.lora.rank} on {n} "
                                  f"({tuple(w.shape)}), more than it has", "save the unmerged form (merged=False)")
     # W_k' = W_k + s B_k A_k for every kept position with LoRA, keyed by the shared tensor's storage
@@ -240,8 +240,9 @@ def merge(model: nn.Module) -> nn.Module:
     for k in sorted(set(spec.lora_positions) - set(spec.replaced)):
         for n, mod in arch.linears(k).items():
             if (ba := _scaled_lora(mod)) is not None:
-                w = mod.base_layer.weight
-                folded[w.data_ptr()] = (w.detach().float() + ba[0] @ ba[1]).to(w.dtype)
+                w, delta = mod.base_layer.weight, ba[0] @ ba[1]
+                delta = delta.T if Arch.stores_in_by_out(mod) else delta  # Conv1D keeps W as in x out
+                folded[w.data_ptr()] = (w.detach().float() + delta).to(w.dtype)
     cfg = dict(model.flexigpt_base_config)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     dtype = next(model.parameters()).dtype
@@ -317,6 +318,15 @@ class OutputNorm(nn.Module):
         return (self(out[0]), *out[1:]) if isinstance(out, tuple) else self(out)
 
 
+try:  # transformers 5 renames some families' checkpoint keys by class name (GPT-NeoX embed_out): inherit the base's
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    if get_checkpoint_conversion_mapping("{base}"):
+        register_checkpoint_conversion_mapping("FlexiGPT{base}", get_checkpoint_conversion_mapping("{base}"),
+                                               overwrite=True)
+except ImportError:
+    pass
+
+
 class FlexiGPT{base}({base}):
     def __init__(self, config):
         super().__init__(config)
@@ -324,7 +334,7 @@ class FlexiGPT{base}({base}):
         blocks = self.get_submodule(spec["blocks_path"])
         for p in spec["positions"]:
             for attr, target in (("flexi_attn_out_norm", spec["attn_out"]), ("flexi_mlp_out_norm", spec["mlp_out"])):
-                norm = OutputNorm(config.hidden_size, spec["eps"])
+                norm = OutputNorm(spec["dim"] if "dim" in spec else config.hidden_size, spec["eps"])
                 setattr(blocks[p], attr, norm)
                 blocks[p].get_submodule(target).register_forward_hook(norm.hook)
 '''
@@ -341,8 +351,9 @@ def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if hasattr(mod, "lora_A") and fm.ADAPTER_NAME in mod.lora_A:
             a, b = mod.lora_A[fm.ADAPTER_NAME].weight, mod.lora_B[fm.ADAPTER_NAME].weight
             key = f"{mname}.weight"
-            w = out[key]
-            out[key] = (w.float() + mod.scaling[fm.ADAPTER_NAME] * (b.float() @ a.float())).to(w.dtype)
+            w, delta = out[key], b.float() @ a.float()
+            delta = delta.T if Arch.stores_in_by_out(mod) else delta  # Conv1D keeps W as in x out
+            out[key] = (w.float() + mod.scaling[fm.ADAPTER_NAME] * delta).to(w.dtype)
     return out
 
 
@@ -366,6 +377,8 @@ def export_plain(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> d
         cfg_dict["flexigpt_output_norms"] = {"positions": spec.replaced, "eps": spec.norm_eps,
                                              "blocks_path": arch.blocks_path,
                                              "attn_out": arch.attn_residual, "mlp_out": arch.mlp_residual}
+        if arch.text_config_key:  # multimodal: the hidden size lives in the text config
+            cfg_dict["flexigpt_output_norms"]["dim"] = arch.hidden_size
         cfg_dict["auto_map"] = {"AutoModelForCausalLM": f"modeling_flexigpt.FlexiGPT{base_cls}"}
         cfg_dict["architectures"] = [f"FlexiGPT{base_cls}"]
     config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)

@@ -129,7 +129,16 @@ def attach_output_norms(arch: Arch, positions: list[int], gamma_init: float, eps
 
 def svd_diff_init(layer: nn.Module, diff: torch.Tensor, scaling: float) -> None:
     """Eqs. 7-8: W_i - W_j = U Σ Vᵀ; lora_B = U_r Σ_r / scaling (out x r), lora_A = V_rᵀ (r x in),
-    so the initial update scaling·B·A is the best rank-r approximation of W_i - W_j."""
+    so the initial update scaling·B·A is the best rank-r approximation of W_i - W_j.
+
+    ``diff`` is out x in (:meth:`Arch.weights` transposes GPT-2's Conv1D); PEFT's A and B have this
+    layout for Conv1D too (``fan_in_fan_out=True`` only transposes the merged delta).
+    Fused projections are one matrix here (why: the :mod:`flexigpt.model.arch` docstring)."""
+    a0, b0 = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+    if tuple(diff.shape) != (b0.shape[0], a0.shape[1]):
+        raise FlexiError("adapters.init", f"svd_diff got a {tuple(diff.shape)} weight difference for a LoRA of "
+                         f"{b0.shape[0]} x {a0.shape[1]} (a wrong weight layout in the model family's Arch)",
+                         "set adapters.init: zeros, and report the model family")
     a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
     r = a.shape[0]
     u, s, vh = torch.linalg.svd(diff.float(), full_matrices=False)
@@ -163,7 +172,12 @@ def validate_spec(arch: Arch, spec: FlexiSpec) -> None:
     valid = arch.target_names()
     bad = [t for t in spec.lora.targets if t not in valid and t != "all"]
     if bad:
-        raise FlexiError("adapters.targets", f"unknown target modules {bad}", f"use a subset of {valid}")
+        fused = {t: arch.unfused[t] for t in bad if t in arch.unfused}
+        why = f" ({', '.join(f'{t} is part of the fused {f}' for t, f in fused.items())}: fused projections are " \
+              "adapted whole)" if fused else ""
+        raise FlexiError("adapters.targets", f"unknown target modules {bad} for {type(arch).__name__}{why}",
+                         f"use a subset of {valid} (lora.targets are these names)")
+    arch.check_uniform()
     if spec.lora.init not in INIT_STRATEGIES:
         raise FlexiError("adapters.init", f"unknown init {spec.lora.init!r}", f"use one of {sorted(INIT_STRATEGIES)}")
     if spec.gamma_init < 0:
@@ -173,7 +187,7 @@ def validate_spec(arch: Arch, spec: FlexiSpec) -> None:
         if spec.lora.rank < 1:
             raise FlexiError("adapters.rank", f"must be >= 1, got {spec.lora.rank}", "set a positive rank")
         for name, w in arch.weights(0).items():
-            if name.rsplit(".", 1)[-1] in targets and spec.lora.rank > min(w.shape):
+            if arch.target_of(name) in targets and spec.lora.rank > min(w.shape):
                 raise FlexiError("adapters.rank", f"{spec.lora.rank} exceeds what {name} ({tuple(w.shape)}) allows",
                                  f"set it to at most {min(w.shape)}")
 
@@ -213,7 +227,7 @@ def resolved_targets(arch: Arch, lora: LoraSettings) -> list[str]:
 
 def lora_target_regex(arch: Arch, positions: list[int], targets: list[str]) -> str:
     """A full-match regex over module names selecting ``targets`` in blocks ``positions``."""
-    names = [n for n in arch.linear_names if n.rsplit(".", 1)[-1] in targets]
+    names = [n for n in arch.linear_names if arch.target_of(n) in targets]  # exact paths: GPT-2 has two c_proj
     pos = "|".join(str(p) for p in positions)
     return rf"{re.escape(arch.blocks_path)}\.({pos})\.({'|'.join(re.escape(n) for n in names)})"
 
@@ -226,13 +240,15 @@ def inject_lora(arch: Arch, spec: FlexiSpec) -> None:
         return
     cfg = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha if spec.lora.alpha is not None else spec.lora.rank,
                      lora_dropout=0.0, bias="none", init_lora_weights=True,
+                     fan_in_fan_out=arch.conv1d,  # Conv1D stores in x out; PEFT's A (r x in), B (out x r) stay as for Linear
                      target_modules=lora_target_regex(arch, spec.lora_positions, targets))
     inject_adapter_in_model(cfg, arch.model, adapter_name=ADAPTER_NAME)
 
 
-def build(model: nn.Module, spec: FlexiSpec, *, init: bool = True) -> nn.Module:
-    """Turn ``model`` (in place) into the model ``spec`` describes; ``init`` runs the adapter init."""
-    arch = arch_of(model)
+def build(model: nn.Module, spec: FlexiSpec, *, init: bool = True, arch_cls: type[Arch] | None = None) -> nn.Module:
+    """Turn ``model`` (in place) into the model ``spec`` describes; ``init`` runs the adapter init.
+    ``arch_cls`` overrides the family's registered :class:`Arch` (the seam self-test's own checks)."""
+    arch = arch_cls(model) if arch_cls is not None else arch_of(model)
     validate_spec(arch, spec)
     model.flexigpt_base_config = model.config.to_dict()  # the skeleton the compact format rebuilds
     diffs: dict[tuple[int, str], torch.Tensor] = {}

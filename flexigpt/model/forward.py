@@ -60,14 +60,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def mean_nll(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, dtype: str = "bfloat16",
-             progress: bool = False) -> float:
+             progress: bool = False, row_nll: list[float] | None = None) -> float:
     """Mean next-token negative log-likelihood (nats/token); log-softmax in float32.
+
+    ``row_nll``, when given, receives each row's own mean NLL, in order (evaluation reports per-window NLLs).
 
     The LM head runs one sequence at a time, so the logits never exceed T x vocab floats.
     """
     arch = arch_of(model)
     input_ids = check_input_ids(input_ids)
-    body, head = arch.backbone(), arch.head()
+    body = arch.backbone()
     total, count = 0.0, 0
     n_batches = math.ceil(input_ids.shape[0] / batch_size)
     device = model_device(model)
@@ -77,7 +79,10 @@ def mean_nll(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, 
             ids = ids.to(device)
             h = body(input_ids=ids, use_cache=False).last_hidden_state
             for row in range(ids.shape[0]):
-                logits = head(h[row, :-1]).float()
-                total += F.cross_entropy(logits, ids[row, 1:], reduction="sum").item()
+                logits = arch.logits(h[row, :-1]).float()  # the model's own head path (Gemma 2 soft-caps)
+                row_sum = F.cross_entropy(logits, ids[row, 1:], reduction="sum").item()
+                total += row_sum
                 count += ids.shape[1] - 1
+                if row_nll is not None:
+                    row_nll.append(row_sum / (ids.shape[1] - 1))
     return total / count

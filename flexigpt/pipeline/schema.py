@@ -16,13 +16,13 @@ from flexigpt.model.importer import ModelSettings
 from flexigpt.model.stream import StreamSettings
 from flexigpt.pipeline.stagekit import PathSettings
 from flexigpt.train import TrainLaunchSettings, TrainSettings
-from flexigpt.variants import AdapterSettings, ExtendSettings, NormSettings, Recipe, SvdInitSettings
+from flexigpt.variants import AdapterSettings, BaselineSettings, ExtendSettings, NormSettings, Recipe, SvdInitSettings
 
 SETTINGS: tuple[type[Settings], ...] = (
     DataSettings, ComputeSettings, ModelSettings, CalibrationSettings, HeldoutSettings, PathSettings,
-    ImportanceSettings, PruneSettings, StreamSettings, AdapterSettings, NormSettings, ExtendSettings, SvdInitSettings,
+    ImportanceSettings, PruneSettings, StreamSettings, AdapterSettings, BaselineSettings, NormSettings, ExtendSettings, SvdInitSettings,
     TrainSettings, TrainLaunchSettings, EvaluateSettings)
-TOP_LEVEL = ("seed", "mode")
+TOP_LEVEL = ("mode",)
 
 
 def check(params: Params) -> dict[str, Settings]:
@@ -32,5 +32,5 @@ def check(params: Params) -> dict[str, Settings]:
         if key not in known:
             raise FlexiError(key, "is not a params.yaml section", f"remove it; sections are: {', '.join(sorted(known))}")
     out: dict[str, Settings] = {c.SECTION: c.from_params(params) for c in SETTINGS}
-    Recipe.from_params(params)  # mode and seed
+    Recipe.from_params(params)  # mode and training seed
     return out

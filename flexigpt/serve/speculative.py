@@ -132,9 +132,10 @@ def make_skip_draft(model: nn.Module, skip: list[int]) -> nn.Module:
     kept = [i for i in range(arch.num_blocks) if i not in set(skip)]
     blocks = arch.blocks()
     config = copy.deepcopy(model.config)
-    setattr(config, arch.depth_key, len(kept))  # the backbone runs config-depth blocks; the cache is built for it
-    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == arch.num_blocks:
-        config.layer_types = [config.layer_types[i] for i in kept]
+    text = arch.text_config(config)  # multimodal Gemma 3: depth and layer types live in text_config
+    setattr(text, arch.depth_key, len(kept))  # the backbone runs config-depth blocks; the cache is built for it
+    if isinstance(getattr(text, "layer_types", None), list) and len(text.layer_types) == arch.num_blocks:
+        text.layer_types = [text.layer_types[i] for i in kept]
     draft = _shallow(model)
     path = [draft]
     parent_path, _, attr = arch.blocks_path.rpartition(".")
@@ -145,6 +146,8 @@ def make_skip_draft(model: nn.Module, skip: list[int]) -> nn.Module:
     for m in path:
         if m.__dict__.get("config") is model.config:
             m.config = config
+        elif m.__dict__.get("config") is arch.config:
+            m.config = text
     draft.generation_config = copy.deepcopy(model.generation_config)
     for a in ("flexigpt_spec", "flexigpt_base_config", "flexigpt_form"):  # not a saveable flexigpt model
         draft.__dict__.pop(a, None)
