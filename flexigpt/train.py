@@ -53,9 +53,9 @@ class TrainSettings(Settings):
     schedule: str = setting("cosine", "lr schedule after warmup", choices=SCHEDULES)
     warmup_steps: int = setting(2, "linear warmup, optimizer steps", min=0)
     min_lr_ratio: float = setting(0.1, "final lr as a fraction of the peak", min=0.0, max=1.0)
-    batch_size: int = setting(8, "global batch, sequences per optimizer step", min=1)
+    batch_size: int = setting(4, "global batch, sequences per optimizer step", min=1)
     micro_batch: int = setting(4, "sequences per forward pass per process", min=1)
-    token_budget: int = setting(24576, "training tokens; steps = budget // (batch x seq_len)", min=1)
+    token_budget: int = setting(16384, "training tokens; steps = budget // (batch x seq_len)", min=1)
     grad_clip: float = setting(1.0, "max global grad norm (0 = off)", min=0.0)
     seed: int = setting(0, "training seed: batch order and random adapter init (not the data splits: data.seed)",
                         min=0)

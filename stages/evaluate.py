@@ -45,7 +45,7 @@ def body(ctx: StageContext, variant: str) -> None:
     batch = heldout[:1]
     ctx.timing.update(latency_s=cost.forward_latency(model, batch, repeats=3, dtype=record["dtype"])["median_s"],
                       latency_tokens=int(batch.numel()))  # wall-clock: run record only, never in results
-    if variant != "dense":  # ratios to dense, timed side by side in this process (run record only)
+    if s.speed and variant != "dense":  # ratios to dense, timed side by side in this process (run record only)
         dense, _ = load_plain(ctx.path("base_model"))
         place(dense, ctx.device)
         ctx.timing["speed"] = variant_speed(model, dense, heldout, dtype=record["dtype"])

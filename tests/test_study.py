@@ -257,7 +257,7 @@ def test_shipped_study_files_dry_run():
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     cmds = [line for line in out.stdout.splitlines() if line.startswith("dvc exp run --queue")]
-    assert len(cmds) == 6 and "-S train.seed=2 -S train.token_budget=98304 -n budget-seed2-token_budget98304" in cmds[-1]
+    assert len(cmds) == 6 and "-S train.seed=2 -S train.token_budget=65536 -n budget-seed2-token_budget65536" in cmds[-1]
     assert "nothing queued" in out.stdout
     for f in sorted((ROOT / "configs" / "studies").glob("*.yaml")):
         assert experiments.study_commands(experiments.load_study(f, ROOT)), f

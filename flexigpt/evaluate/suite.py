@@ -27,11 +27,13 @@ class EvaluateSettings(Settings):
     variants: dict = setting(help="variant -> folder to evaluate (HF folder, plan folder or compact folder); "
                                   "required, one entry per evaluate@<variant> stage", type=dict)
     tasks: list = setting(list(lm_tasks.TASKS), "lm-eval zero-shot tasks (the paper average uses the first five)")
-    limit: Any = setting(40, "docs per task (first N); null = all; or a {task: N} map", type=object, nullable=True)
+    limit: Any = setting(30, "docs per task (first N); null = all; or a {task: N} map", type=object, nullable=True)
     ppl_windows: list = setting([2048, 512], "WikiText-2 token-PPL window lengths")
     ppl_max_windows: int | None = setting(4, "first N windows per length; null = the whole test set",
                                           type=int, min=1)
-    lm_eval_wikitext: bool = setting(True, "also report lm-eval's wikitext word perplexity (third protocol)")
+    lm_eval_wikitext: bool = setting(False, "also report lm-eval's wikitext word perplexity (third protocol)")
+    speed: bool = setting(False, "time the variant against dense side by side (forward, decode, merged, "
+                                 "self-speculative) into the run record")
     wikitext_docs: int | None = setting(2, "documents of lm-eval's wikitext task; null = all", type=int, min=1)
     batch_size: int = setting(8, "lm-eval / PPL batch size (sequences)", min=1)
     dtype: str = setting("auto", "auto | bfloat16 | float32", choices=("auto", "bfloat16", "float32"))
