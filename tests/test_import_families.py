@@ -226,3 +226,21 @@ def test_gguf_of_unloadable_architecture_refused_before_weights(tmp_path, no_wei
         mi.import_model(mi.ModelSettings(source=str(path)), tmp_path / "out")
     assert err.value.param == "model.source"
     assert not (tmp_path / "out").exists()
+
+
+def test_blocks_that_cannot_be_found_stop_before_the_weights(tmp_path, tokenizer, monkeypatch, no_weight_loads):
+    """A seam whose block path is wrong for the model is caught on the meta-device skeleton, not by a later stage."""
+    from flexigpt.model import arch as arch_mod
+    from flexigpt.model import importer
+
+    class WrongLlama(arch_mod.LlamaArch):
+        blocks_path = "model.blocks"  # Llama keeps them at model.layers
+
+    folder = tmp_path / "llama"
+    make_model(BY_NAME["llama"]).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(arch_mod, "arch_for_config", lambda config: WrongLlama)
+    with pytest.raises(FlexiError) as e:
+        importer.import_model(importer.ModelSettings(source=str(folder)), tmp_path / "out")
+    assert e.value.param == "model.source" and "model.blocks" in e.value.problem and "arch.py" in e.value.fix
+    assert not (tmp_path / "out").exists()

@@ -72,3 +72,18 @@ def test_pipeline_stages_expands_foreach(tmp_path, monkeypatch):
     (tmp_path / "dvc.yaml").write_text("stages:\n  prep:\n    cmd: a\n  evaluate:\n    foreach: ${ev.variants}\n"
                                        "    do:\n      cmd: b\n")
     assert lineage.pipeline_stages() == ["prep", "evaluate@dense", "evaluate@flexi"]
+
+
+def test_experiment_workspaces_write_to_their_projects_store(tmp_path, monkeypatch):
+    """`dvc exp run --queue/--temp` run in <project>/.dvc/tmp/exps/[standalone/]<tmp>, which DVC deletes."""
+    from flexigpt.track.uri import owning_project, tracking_uri
+
+    monkeypatch.delenv("FLEXIGPT_MLFLOW_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = tmp_path / "proj"
+    for ws in (project / ".dvc/tmp/exps/tmpab12", project / ".dvc/tmp/exps/standalone/tmpcd34"):
+        ws.mkdir(parents=True)
+        assert owning_project(ws) == project.resolve()
+        assert tracking_uri(ws) == f"sqlite:///{project.resolve() / 'mlflow.db'}"
+    assert tracking_uri(project) == f"sqlite:///{project.resolve() / 'mlflow.db'}"
+    assert owning_project(tmp_path / "elsewhere") == (tmp_path / "elsewhere").resolve()

@@ -215,7 +215,40 @@ def check_family(src: ModelSource, trust_remote_code: bool = False):
             raise FlexiError("model.source", f"{src.path} is a GGUF of model_type {src.model_type!r}, which "
                              "transformers' GGUF loader cannot read",
                              "convert it to a HF folder (safetensors) and point model.source at that folder")
-    return arch_for_config(source_config(src, trust_remote_code))  # raises for unknown / encoder families
+    cls = arch_for_config(source_config(src, trust_remote_code))  # raises for unknown / encoder families
+    check_structure(cls, src, trust_remote_code)
+    return cls
+
+
+def check_structure(cls, src: ModelSource, trust_remote_code: bool = False) -> None:
+    """Build the model's skeleton on the meta device (no weights, no memory) and check that the family's
+    seam finds its blocks, linears, norms, embeddings and head: a model whose blocks cannot be found stops
+    here, before the weights load, not in a later stage."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {"gguf_file": src.path.name} if src.kind in ("embedded", "gguf") else {}
+    where = src.path.parent if kw else (str(src.path) if src.path else src.spec)
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise FlexiError("model.source", f"transformers cannot build a causal LM from {where} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:300]})",
+                         "point model.source at a decoder-only causal LM (see the README's supported families)") from None
+    try:
+        arch = cls(skeleton)
+        n = arch.num_blocks
+        arch.linears(0), arch.norms(0), arch.residual_outputs(0), arch.embeddings(), arch.head(), arch.backbone()
+    except (AttributeError, IndexError, TypeError) as e:
+        raise FlexiError("model.source", f"the {config.model_type!r} model's structure does not match {cls.__name__} "
+                         f"(blocks at {cls.blocks_path!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                         f"fix {cls.__name__} in flexigpt/model/arch.py (the guide at its top), or use the family's own "
+                         "transformers code (model.trust_remote_code: false)") from None
+    if n < 2:
+        raise FlexiError("model.source", f"the model has {n} block(s); pruning or sharing needs at least 2",
+                         "use a model with more blocks")
 
 
 def load_source(src: ModelSource, dtype: str = "float32", trust_remote_code: bool = False):

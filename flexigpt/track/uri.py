@@ -5,12 +5,26 @@ import os
 from pathlib import Path
 
 
+def owning_project(root: Path) -> Path:
+    """The project a DVC experiment workspace belongs to: ``dvc exp run --queue`` / ``--temp`` run a copy of
+    the project in ``<project>/.dvc/tmp/exps/[standalone/]<tmp>/``, deleted afterwards; anywhere else, ``root``."""
+    parts = root.resolve().parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root.resolve()
+
+
 def tracking_uri(root: Path | None = None) -> str:
-    """``FLEXIGPT_MLFLOW_URI`` / ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/mlflow.db``."""
+    """``FLEXIGPT_MLFLOW_URI`` / ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<project>/mlflow.db``.
+
+    Queued and temp experiments write to their project's store, not to the copy DVC deletes, so a
+    study's experiments show up as MLflow parent runs next to the workspace's.
+    """
     uri = os.environ.get("FLEXIGPT_MLFLOW_URI") or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{(root or Path.cwd()).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{owning_project(root or Path.cwd()) / 'mlflow.db'}"
 
 
 def private_sqlite(uri: str) -> None:
