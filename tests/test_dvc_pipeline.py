@@ -68,6 +68,12 @@ def test_temp_experiment_reruns_exactly_what_the_param_touches(dvc_project):
     assert dense["n_docs"]["arc_easy"] == 3
     workspace = json.loads((project / "metrics" / "eval" / "dense.json").read_text())
     assert workspace["n_docs"]["arc_easy"] == 2  # a temp run leaves the workspace alone
+    import mlflow  # the experiment is an MLflow parent run in the project's store, not in the deleted temp copy
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`flexigpt.kind` = 'pipeline'")
+    assert "limit3" in {r.info.run_name for r in runs}, sorted(r.info.run_name for r in runs)
 
 
 def test_forced_rerun_gives_the_same_bytes(dvc_project):

@@ -112,6 +112,15 @@ def read_samples(root: Path, exp: Mapping[str, Any]) -> dict[str, Samples]:
     return out
 
 
+def _exp_show(root: Path, *extra: str) -> list[dict]:
+    res = subprocess.run(["dvc", "exp", "show", "--json", "--no-fetch", *extra], cwd=root, capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        raise FlexiError("dvc exp show", res.stderr.strip().splitlines()[-1] if res.stderr.strip() else
+                         f"exit {res.returncode}", "run it from the project root with the venv active")
+    return parse_exp_show(json.loads(res.stdout))
+
+
 def list_experiments(root: str | Path, names: Iterable[str] | None = None) -> list[dict]:
     """Finished experiments of the current baseline (and the workspace), with params and samples.
 
@@ -119,12 +128,10 @@ def list_experiments(root: str | Path, names: Iterable[str] | None = None) -> li
     plus the workspace when it has per-sample files.
     """
     root = Path(root)
-    res = subprocess.run(["dvc", "exp", "show", "--json", "--no-fetch"], cwd=root, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise FlexiError("dvc exp show", res.stderr.strip().splitlines()[-1] if res.stderr.strip() else
-                         f"exit {res.returncode}", "run it from the project root with the venv active")
-    found = parse_exp_show(json.loads(res.stdout))
+    found = _exp_show(root)
     wanted = list(names) if names else None
+    if wanted and not {n for n in wanted} <= {e["name"] for e in found}:
+        found = _exp_show(root, "--all-commits")  # experiments of an earlier commit (results committed since)
     if wanted:
         known = {e["name"]: e for e in found}
         for n in wanted:
