@@ -19,12 +19,7 @@ TYPED = [f.model_types[0] for f in FAMILIES if f.layer_types]
 BASES = {1: 0, 3: 2}  # prune positions 1 and 3 (a full-attention position each, in ALT) onto 0 and 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny matrices run fastest on one thread
 
 
 @pytest.fixture(scope="module")
