@@ -150,6 +150,27 @@ def test_lock_holds_only_stages_of_dvc_yaml():
     assert set(lock) <= names, f"dvc.lock has stages dvc.yaml does not: {sorted(set(lock) - names)}"
 
 
+# Stages DVC may rerun instead of restoring from the run-cache: `compare` keeps `reports/` git-tracked
+# (`cache: false`, read in the README) and takes seconds.
+NOT_RUN_CACHED = {"compare"}
+
+
+def test_stages_can_be_restored_from_the_run_cache():
+    """DVC (3.x ``Stage.run``) saves no run-cache entry for a stage with an uncached output that is not a
+    metric or plot, so every study experiment would rerun it: evaluate@<variant> did, at ~4 min each."""
+    from dvc.repo import Repo
+
+    blocked = {}
+    with Repo(str(ROOT)) as repo:
+        for st in repo.index.stages:
+            why = [o.def_path for o in st.outs if not o.use_cache and not (o.is_metric or o.is_plot)]
+            why += [f"{o.def_path} (persist)" for o in st.outs if o.persist]
+            why += ["always_changed"] if st.always_changed else []
+            if why and st.addressing not in NOT_RUN_CACHED:
+                blocked[st.addressing] = why
+    assert not blocked, f"stages DVC's run-cache cannot restore (make these outputs cached): {blocked}"
+
+
 if __name__ == "__main__":
     import sys
 

@@ -7,7 +7,8 @@ The ``dvc_project`` fixture (conftest) copies the tracked files into a fresh git
 1. that run ran every stage, and the table lists the four variants;
 2. a second ``make repro`` runs nothing;
 3. ``dvc exp run --temp -S evaluate.limit=3`` (venv activated; a temp copy, with the default
-   relative ``data.dir``) reruns exactly the evaluate stages and compare;
+   relative ``data.dir``) reruns exactly the evaluate stages and compare; a second one that also sets
+   ``baseline.params_matched`` restores FlexiGPT's stages and the other evaluations from the run-cache;
 4. ``dvc repro -f`` reruns everything and every output in dvc.lock keeps its md5: training included,
    bit for bit. Only the run records (``metrics/timing/*``, wall-clock by design) may differ.
 """
@@ -74,6 +75,13 @@ def test_temp_experiment_reruns_exactly_what_the_param_touches(dvc_project):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               "tags.`flexigpt.kind` = 'pipeline'")
     assert "limit3" in {r.info.run_name for r in runs}, sorted(r.info.run_name for r in runs)
+
+    # A second experiment that changes only the baseline's rank restores FlexiGPT's training and the other
+    # evaluations from DVC's run-cache (a study's arms share them), and reruns only what the param touches.
+    ran, out = run_in(project, [str(VENV_BIN / "dvc"), "exp", "run", "--temp", "-n", "limit3-matched",
+                                "-S", "evaluate.limit=3", "-S", "baseline.params_matched=true"], with_venv=True)
+    assert ran == {"train_lora_baseline", "evaluate@lora_baseline", "compare"}, (sorted(ran), out[-3000:])
+    assert "Stage 'evaluate@flexigpt' is cached - skipping run" in out, out[-3000:]
 
 
 def test_forced_rerun_gives_the_same_bytes(dvc_project):

@@ -152,6 +152,35 @@ def test_missing_samples_in_an_experiment_names_it_and_the_stage(tmp_path):
     assert "evaluate@flexigpt" in e.value.fix and "dvc exp" in e.value.fix
 
 
+def test_samples_of_an_experiment_come_from_the_dvc_cache_through_its_lock(tmp_path, monkeypatch):
+    """The samples file is a cached output: its experiment commit has only dvc.lock's md5 for it."""
+    import hashlib
+
+    monkeypatch.setattr(experiments, "_dvc_cache_dir", lambda root: root / ".dvc" / "cache")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    text = json.dumps({"variant": "dense", "settings": SETTINGS,
+                       "tasks": {t: {"doc_ids": [0, 1, 2], "acc": [1, 0, 1]} for t in study.PAPER_TASKS},
+                       "nll": {"heldout": [3.0]}})
+    md5 = hashlib.md5(text.encode()).hexdigest()
+    obj = tmp_path / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    obj.parent.mkdir(parents=True)
+    obj.write_text(text)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"evaluate@dense": {
+        "cmd": "python stages/evaluate.py --variant dense",
+        "outs": [{"path": "metrics/eval/samples/dense.json", "hash": "md5", "md5": md5, "size": len(text)}]}}}))
+    subprocess.run(["git", "add", "dvc.lock"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], cwd=tmp_path, check=True)
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    exp = {"name": "seeds-seed1", "rev": rev, "params": {"evaluate.variants.dense": "artifacts/base_model"}}
+    got = experiments.read_samples(tmp_path, exp)
+    assert abs(got["dense"].accuracy("piqa") - 2 / 3) < 1e-12
+    obj.unlink()  # e.g. the experiment was made on another machine and only its git refs were pulled
+    with pytest.raises(FlexiError) as e:
+        experiments.read_samples(tmp_path, exp)
+    assert e.value.param == "experiment seeds-seed1" and md5 in e.value.problem
+    assert "dvc exp pull" in e.value.fix and "seeds-seed1" in e.value.fix
+
+
 def exp(name: str, seed: int, rng, **params) -> dict:
     a, b = random_pair(rng, 40, 0.5, 0.5)
     p = {"train.seed": seed, "prune.rank": 32, "evaluate.limit": 40, "train.token_budget": 24576, **params}

@@ -134,12 +134,11 @@ def svd_diff_init(layer: nn.Module, diff: torch.Tensor, scaling: float) -> None:
     ``diff`` is out x in (:meth:`Arch.weights` transposes GPT-2's Conv1D); PEFT's A and B have this
     layout for Conv1D too (``fan_in_fan_out=True`` only transposes the merged delta).
     Fused projections are one matrix here (why: the :mod:`flexigpt.model.arch` docstring)."""
-    a0, b0 = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
-    if tuple(diff.shape) != (b0.shape[0], a0.shape[1]):
-        raise FlexiError("adapters.init", f"svd_diff got a {tuple(diff.shape)} weight difference for a LoRA of "
-                         f"{b0.shape[0]} x {a0.shape[1]} (a wrong weight layout in the model family's Arch)",
-                         "set adapters.init: zeros, and report the model family")
     a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+    if tuple(diff.shape) != (b.shape[0], a.shape[1]):
+        raise FlexiError("adapters.init", f"svd_diff got a {tuple(diff.shape)} weight difference for a LoRA of "
+                         f"{b.shape[0]} x {a.shape[1]} (a wrong weight layout in the model family's Arch)",
+                         "set adapters.init: zeros, and report the model family")
     r = a.shape[0]
     u, s, vh = torch.linalg.svd(diff.float(), full_matrices=False)
     with torch.no_grad():

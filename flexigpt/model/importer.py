@@ -171,8 +171,9 @@ def check_hf_folder(p: Path, param: str = "model.source") -> None:
                          "save the tokenizer there too (`tokenizer.save_pretrained(folder)`)")
 
 
-def source_config(src: ModelSource, trust_remote_code: bool = False) -> dict:
-    """The source's config as a dict, read without loading weights (GGUF: the header's model_type only)."""
+def source_config(src: ModelSource, trust_remote_code: bool = False):
+    """The source's config, read without loading weights: a dict for a HF folder (its config.json), else
+    transformers' config object (GGUF: parsed from the header, ~5 s for SmolLM2, so it is parsed once)."""
     import json
 
     if src.kind in ("embedded", "gguf"):
@@ -180,7 +181,7 @@ def source_config(src: ModelSource, trust_remote_code: bool = False) -> dict:
         from transformers import AutoConfig
 
         try:  # the header's metadata only (no tensor data is read): depth and widths for the family checks
-            return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name).to_dict()
+            return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name)
         except (OSError, ValueError, KeyError) as e:
             raise FlexiError("model.source", f"the GGUF header of {src.path} cannot be read as a "
                              f"{src.model_type!r} config ({type(e).__name__}: {str(e).splitlines()[0][:300]})",
@@ -195,7 +196,7 @@ def source_config(src: ModelSource, trust_remote_code: bool = False) -> dict:
     from transformers import AutoConfig
 
     try:  # a hub id: config.json only, a few kB
-        return AutoConfig.from_pretrained(src.spec, trust_remote_code=trust_remote_code).to_dict()
+        return AutoConfig.from_pretrained(src.spec, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise FlexiError("model.source", f"the config of {src.spec!r} cannot be fetched ({str(e).splitlines()[0]})",
                          "check the hub id and the network, or point model.source at a local folder") from None
@@ -215,22 +216,25 @@ def check_family(src: ModelSource, trust_remote_code: bool = False):
             raise FlexiError("model.source", f"{src.path} is a GGUF of model_type {src.model_type!r}, which "
                              "transformers' GGUF loader cannot read",
                              "convert it to a HF folder (safetensors) and point model.source at that folder")
-    cls = arch_for_config(source_config(src, trust_remote_code))  # raises for unknown / encoder families
-    check_structure(cls, src, trust_remote_code)
+    config = source_config(src, trust_remote_code)
+    cls = arch_for_config(config if isinstance(config, dict) else config.to_dict())  # unknown / encoder families
+    check_structure(cls, src, trust_remote_code, config=None if isinstance(config, dict) else config)
     return cls
 
 
-def check_structure(cls, src: ModelSource, trust_remote_code: bool = False) -> None:
+def check_structure(cls, src: ModelSource, trust_remote_code: bool = False, config=None) -> None:
     """Build the model's skeleton on the meta device (no weights, no memory) and check that the family's
     seam finds its blocks, linears, norms, embeddings and head: a model whose blocks cannot be found stops
-    here, before the weights load, not in a later stage."""
+    here, before the weights load, not in a later stage. ``config``: the source's config object when the
+    caller has parsed it already (a GGUF header), else it is read from the source."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = {"gguf_file": src.path.name} if src.kind in ("embedded", "gguf") else {}
     where = src.path.parent if kw else (str(src.path) if src.path else src.spec)
     try:
-        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
+        if config is None:
+            config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:

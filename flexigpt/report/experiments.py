@@ -1,8 +1,11 @@
 """DVC experiments as study inputs, and declarative studies as queued DVC experiments.
 
 Reading: ``dvc exp show --json --no-fetch`` gives each experiment's name, git rev and params; its
-per-sample files (``metrics/eval/samples/<variant>.json``, git-tracked, ``cache: false``) are read
-from the experiment's commit with ``git show <rev>:<path>``; the workspace is read from disk.
+per-sample files (``metrics/eval/samples/<variant>.json``, DVC-cached outputs of ``evaluate@<variant>``)
+are found through the experiment's ``dvc.lock`` (its md5) in the local DVC cache, or, for experiments
+made while they were git-tracked, with ``git show <rev>:<path>``; the workspace is read from disk.
+Why cached: DVC saves no run-cache entry for a stage with an uncached plain output, and a study
+needs the evaluations its experiments share restored rather than rerun.
 
 Queuing: a study file ``configs/studies/NAME.yaml``::
 
@@ -16,6 +19,7 @@ in params.yaml and be declared by a stage in dvc.yaml, else DVC would queue a ru
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -79,10 +83,43 @@ def _git_show(root: Path, rev: str, rel: str) -> str | None:
     return res.stdout if res.returncode == 0 else None
 
 
-def _read_text(root: Path, rev: str, rel: str) -> str | None:
+@functools.lru_cache(maxsize=8)
+def _dvc_cache_dir(root: Path) -> Path:
+    """The project's DVC cache (``dvc cache dir``: it may be configured elsewhere), else ``.dvc/cache``."""
+    try:
+        res = subprocess.run(["dvc", "cache", "dir"], cwd=root, capture_output=True, text=True)
+    except OSError:  # dvc not on PATH
+        return root / ".dvc" / "cache"
+    return Path(res.stdout.strip()) if res.returncode == 0 and res.stdout.strip() else root / ".dvc" / "cache"
+
+
+def _cached_out_text(root: Path, rev: str, rel: str, experiment: str) -> str | None:
+    """An output's text at a commit: its md5 from that commit's dvc.lock, its bytes from the DVC cache.
+
+    None when the commit's dvc.lock has no such output; an error naming the fix when the cache lacks it.
+    """
+    lock = _git_show(root, rev, "dvc.lock")
+    if lock is None:
+        return None
+    for stage in (yaml.safe_load(lock) or {}).get("stages", {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("path") != rel or not out.get("md5"):
+                continue
+            md5 = out["md5"]
+            cache = _dvc_cache_dir(root)
+            for obj in (cache / "files" / "md5" / md5[:2] / md5[2:], cache / md5[:2] / md5[2:]):  # DVC 3, DVC 2
+                if obj.is_file():
+                    return obj.read_text()
+            raise FlexiError(f"experiment {experiment}", f"{rel} (md5 {md5}) is not in the DVC cache {cache}",
+                             f"fetch it with `dvc exp pull <remote> {experiment}`, or rerun the experiment")
+    return None
+
+
+def _read_text(root: Path, rev: str, rel: str, experiment: str = "workspace") -> str | None:
     if rev == "workspace":
         return (root / rel).read_text() if (root / rel).is_file() else None
-    return _git_show(root, rev, rel)
+    text = _git_show(root, rev, rel)  # experiments made while the file was git-tracked
+    return text if text is not None else _cached_out_text(root, rev, rel, experiment)
 
 
 def read_samples(root: Path, exp: Mapping[str, Any]) -> dict[str, Samples]:
@@ -93,9 +130,9 @@ def read_samples(root: Path, exp: Mapping[str, Any]) -> dict[str, Samples]:
     out: dict[str, Samples] = {}
     for v in variants:
         rel = samples_relpath(v, metrics_dir)
-        text = _read_text(root, exp["rev"], rel)
+        text = _read_text(root, exp["rev"], rel, exp["name"])
         if text is None:
-            headline = _read_text(root, exp["rev"], f"{metrics_dir}/eval/{v}.json")
+            headline = _read_text(root, exp["rev"], f"{metrics_dir}/eval/{v}.json", exp["name"])
             if headline and json.loads(headline).get("applicable") is False:
                 continue  # e.g. ShortGPT in extend mode: evaluated as not applicable
             raise FlexiError(f"experiment {exp['name']}", f"{rel} is missing"
