@@ -214,6 +214,30 @@ def test_collect_refuses_two_experiments_of_the_same_seed_but_drops_a_duplicate_
     assert g.experiments == ["a", "b"] and "workspace skipped" in g.notes[0]
 
 
+def test_baseline_arms_share_one_table_when_the_other_variants_are_identical():
+    """`baseline.params_matched` touches only ShortGPT+LoRA: its two arms are one comparison, FlexiGPT once."""
+    rng = np.random.default_rng(8)
+    exps = []
+    for s in (0, 1):
+        flexi, b32 = random_pair(rng, 40, 0.5, 0.5)
+        b46 = random_pair(rng, 40, 0.5, 0.5)[1]
+        for matched, base in ((False, b32), (True, b46)):
+            p = {"train.seed": s, "prune.rank": 32, "evaluate.limit": 40, "baseline.params_matched": matched}
+            exps.append({"name": f"s{s}-{matched}", "rev": "r", "params": p,
+                         "samples": {"flexigpt": flexi, "lora_baseline": base}})
+    g, = study.collect(exps)
+    assert list(g.samples) == ["flexigpt", "lora_baseline[baseline.params_matched=False]",
+                               "lora_baseline[baseline.params_matched=True]"]
+    assert g.seeds == [0, 1] and len(g.experiments) == 4 and "baseline.params_matched" not in g.params
+    table = study.study_table([g], n_boot=200)
+    assert "| ShortGPT+LoRA [params_matched=True] |" in table and table.count("| FlexiGPT |") == 1
+    # FlexiGPT's results differ between the arms (e.g. another machine): two groups, each saying why
+    exps[1]["samples"] = {**exps[1]["samples"], "flexigpt": random_pair(rng, 40, 0.5, 0.5)[0]}
+    groups = study.collect(exps)
+    assert len(groups) == 2 and all("flexigpt differs" in g.notes[0] for g in groups)
+    assert {g.label for g in groups} == {"baseline.params_matched=False", "baseline.params_matched=True"}
+
+
 def test_the_seed_is_the_training_seed():
     assert study.seed_of({"data.seed": 0, "train.seed": 3}) == 3 and study.seed_of({"data.seed": 2}) is None
 

@@ -36,6 +36,9 @@ PAIRING_PREFIXES: tuple[str, ...] = ("prune", "importance", "evaluate", "data", 
 BETTER, WORSE, UNRESOLVED = "better", "worse", "not resolved at this sample size"
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 TARGET_POINTS = 1.0  # "docs needed" aims at a ±1 point 95% half-width of the 5-task average
+# Params that only some variants' stages read: experiments that differ only in them are arms of one comparison
+# (e.g. `baseline.params_matched`), reported in one table when every other variant's results are identical.
+ARM_PARAMS: dict[str, tuple[str, ...]] = {"baseline": ("lora_baseline",)}
 LABELS = {"dense": "Dense", "shortgpt": "ShortGPT", "lora_baseline": "ShortGPT+LoRA", "flexigpt": "FlexiGPT"}
 EXTEND_LABELS = {"dense": "Base", "lora_baseline": "Base+LoRA (params matched)", "flexigpt": "FlexiGPT-extended"}
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
@@ -351,9 +354,65 @@ def collect(exps: list[dict]) -> list[Group]:
     for e in exps:
         rest = {k: v for k, v in e["params"].items() if k not in SEED_KEYS}
         by_key.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(e)
-    groups = [_group(members) for members in by_key.values()]
+    groups = _merge_arms([_group(members) for members in by_key.values()])
     _label(groups)
     return groups
+
+
+def _arm_prefix(key: str) -> str | None:
+    return next((p for p in ARM_PARAMS if key == p or key.startswith(p + ".")), None)
+
+
+def _same_samples(a: Samples, b: Samples) -> bool:
+    """Identical results: the same docs, correctness and NLLs (as when DVC restored one stage for both)."""
+    return (a.tasks.keys() == b.tasks.keys() and a.nll.keys() == b.nll.keys()
+            and all(np.array_equal(a.tasks[t].doc_ids, b.tasks[t].doc_ids)
+                    and a.tasks[t].metrics.keys() == b.tasks[t].metrics.keys()
+                    and all(np.array_equal(a.tasks[t].metrics[m], b.tasks[t].metrics[m]) for m in a.tasks[t].metrics)
+                    for t in a.tasks)
+            and all(np.array_equal(a.nll[k], b.nll[k]) for k in a.nll))
+
+
+def _merge_arms(groups: list[Group]) -> list[Group]:
+    """Groups that differ only in arm params (``ARM_PARAMS``) and share their seeds become one group: the
+    variants those params touch appear once per arm (``lora_baseline[baseline.params_matched=True]``), the
+    others once. Merged only when every untouched variant's results are identical across the arms; else the
+    groups stay apart, with a note saying which variant differs."""
+    def rest(g: Group) -> str:
+        return json.dumps({k: v for k, v in g.params.items() if not _arm_prefix(k)}, sort_keys=True, default=str)
+
+    by_rest: dict[str, list[Group]] = {}
+    for g in groups:
+        by_rest.setdefault(rest(g) + json.dumps(g.seeds, default=str), []).append(g)
+    out: list[Group] = []
+    for arms in by_rest.values():
+        if len(arms) < 2:
+            out += arms
+            continue
+        keys = sorted({k for g in arms for k in g.params if _arm_prefix(k)
+                       and len({json.dumps(h.params.get(k), default=str) for h in arms}) > 1})
+        touched = {v for k in keys for v in ARM_PARAMS[_arm_prefix(k)]}  # type: ignore[index]
+        first = arms[0]
+        differ = [v for v in first.samples if v not in touched for g in arms[1:]
+                  if v not in g.samples or not all(map(_same_samples, first.samples[v], g.samples[v]))]
+        if differ:
+            for g in arms:
+                g.notes.append(f"not merged with its other arms ({', '.join(keys)}): {differ[0]} differs between them")
+            out += arms
+            continue
+        samples: dict[str, list[Samples]] = {}
+        for v, per_seed in first.samples.items():
+            if v not in touched:
+                samples[v] = per_seed
+                continue
+            for g in arms:
+                samples[f"{v}[{', '.join(f'{k}={g.params.get(k)}' for k in keys)}]"] = g.samples[v]
+        params = {k: v for k, v in first.params.items() if k not in keys}
+        notes = [n for g in arms for n in g.notes]
+        notes.append(f"{', '.join(k for k in keys)} arms in one table: the other variants' results are identical "
+                     "across them (DVC restored their stages from the run-cache)")
+        out.append(Group(params, first.seeds, [e for g in arms for e in g.experiments], samples, notes=notes))
+    return out
 
 
 def _group(members: list[dict]) -> Group:
@@ -407,7 +466,12 @@ def _ppl_name(key: str) -> str:
 
 
 def label(variant: str, mode: str = "prune") -> str:
-    return (EXTEND_LABELS if mode == "extend" else LABELS).get(variant, variant)
+    """Display name; an arm ``lora_baseline[baseline.params_matched=True]`` -> ``ShortGPT+LoRA [params_matched=True]``."""
+    base, _, arm = variant.partition("[")
+    name = (EXTEND_LABELS if mode == "extend" else LABELS).get(base, base)
+    if not arm:
+        return name
+    return f"{name} [" + ", ".join(a.strip().split(".", 1)[-1] for a in arm.rstrip("]").split(",")) + "]"
 
 
 def group_table(g: Group, *, n_boot: int = 10000, seed: int = 0) -> str:
