@@ -93,26 +93,28 @@ def _dvc_cache_dir(root: Path) -> Path:
     return Path(res.stdout.strip()) if res.returncode == 0 and res.stdout.strip() else root / ".dvc" / "cache"
 
 
+@functools.lru_cache(maxsize=64)
+def _locked_md5s(root: Path, rev: str) -> dict[str, str]:
+    """Output path -> md5 in a commit's dvc.lock (parsed once per commit: a report reads 4 files from each)."""
+    lock = _git_show(root, rev, "dvc.lock")
+    stages = ((yaml.safe_load(lock) or {}).get("stages") or {}) if lock else {}
+    return {o["path"]: o["md5"] for st in stages.values() for o in st.get("outs") or [] if o.get("md5")}
+
+
 def _cached_out_text(root: Path, rev: str, rel: str, experiment: str) -> str | None:
     """An output's text at a commit: its md5 from that commit's dvc.lock, its bytes from the DVC cache.
 
     None when the commit's dvc.lock has no such output; an error naming the fix when the cache lacks it.
     """
-    lock = _git_show(root, rev, "dvc.lock")
-    if lock is None:
+    md5 = _locked_md5s(root, rev).get(rel)
+    if md5 is None:
         return None
-    for stage in (yaml.safe_load(lock) or {}).get("stages", {}).values():
-        for out in stage.get("outs") or []:
-            if out.get("path") != rel or not out.get("md5"):
-                continue
-            md5 = out["md5"]
-            cache = _dvc_cache_dir(root)
-            for obj in (cache / "files" / "md5" / md5[:2] / md5[2:], cache / md5[:2] / md5[2:]):  # DVC 3, DVC 2
-                if obj.is_file():
-                    return obj.read_text()
-            raise FlexiError(f"experiment {experiment}", f"{rel} (md5 {md5}) is not in the DVC cache {cache}",
-                             f"fetch it with `dvc exp pull <remote> {experiment}`, or rerun the experiment")
-    return None
+    cache = _dvc_cache_dir(root)
+    for obj in (cache / "files" / "md5" / md5[:2] / md5[2:], cache / md5[:2] / md5[2:]):  # DVC 3, DVC 2
+        if obj.is_file():
+            return obj.read_text()
+    raise FlexiError(f"experiment {experiment}", f"{rel} (md5 {md5}) is not in the DVC cache {cache}",
+                     f"fetch it with `dvc exp pull <remote> {experiment}`, or rerun the experiment")
 
 
 def _read_text(root: Path, rev: str, rel: str, experiment: str = "workspace") -> str | None:
