@@ -409,8 +409,8 @@ def _merge_arms(groups: list[Group]) -> list[Group]:
                 samples[f"{v}[{', '.join(f'{k}={g.params.get(k)}' for k in keys)}]"] = g.samples[v]
         params = {k: v for k, v in first.params.items() if k not in keys}
         notes = [n for g in arms for n in g.notes]
-        notes.append(f"{', '.join(k for k in keys)} arms in one table: the other variants' results are identical "
-                     "across them (DVC restored their stages from the run-cache)")
+        notes.append(f"{', '.join(keys)} arms in one table: the other variants' results are identical across them, "
+                     "document by document")
         out.append(Group(params, first.seeds, [e for g in arms for e in g.experiments], samples, notes=notes))
     return out
 
